@@ -1,0 +1,130 @@
+//! The data plane's side of the control plane API: the configuration stream (with
+//! reconnect and back-off, keeping the last snapshot while the control plane is away)
+//! and the authorization calls. Never blocks the data path on a reconnect: egress calls
+//! fail fast while the control plane is unreachable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use controlplane_api::v1;
+use controlplane_api::v1::authorization_client::AuthorizationClient;
+use controlplane_api::v1::config_discovery_client::ConfigDiscoveryClient;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::metrics::Metrics;
+use crate::snapshot::{Snapshot, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid control plane address {0:?}: {1}")]
+    Address(String, String),
+    #[error("control plane call failed: {0}")]
+    Call(#[from] tonic::Status),
+    #[error("control plane call timed out")]
+    Timeout,
+}
+
+/// Per-call deadline for authorization calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Clone)]
+pub struct ControlPlane {
+    authz: AuthorizationClient<Channel>,
+    channel: Channel,
+}
+
+impl ControlPlane {
+    /// `addr` is "host:port" or a URL. The channel connects lazily and reconnects on
+    /// its own.
+    pub fn new(addr: &str) -> Result<Self, Error> {
+        let url = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(url)
+            .map_err(|e| Error::Address(addr.to_owned(), e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect_lazy();
+        Ok(ControlPlane {
+            authz: AuthorizationClient::new(channel.clone()),
+            channel,
+        })
+    }
+
+    pub async fn authorize_egress(
+        &self,
+        req: v1::EgressRequest,
+    ) -> Result<v1::EgressResponse, Error> {
+        let mut c = self.authz.clone();
+        match tokio::time::timeout(CALL_TIMEOUT, c.authorize_egress(req)).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    pub async fn peer_request(
+        &self,
+        req: v1::PeerHttpRequest,
+    ) -> Result<v1::PeerHttpResponse, Error> {
+        let mut c = self.authz.clone();
+        match tokio::time::timeout(CALL_TIMEOUT, c.peer_request(req)).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Follows the configuration stream forever: applies each snapshot to `store`,
+    /// reconnects with back-off (100 ms x1.6 up to 2 s), and keeps the last snapshot in
+    /// force while disconnected. Returns when `stop` turns true.
+    pub async fn follow(
+        self,
+        id: String,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            metrics.cp_reconnects.inc();
+            let mut client = ConfigDiscoveryClient::new(self.channel.clone());
+            let run = async {
+                let mut stream = client
+                    .subscribe(v1::SubscribeRequest {
+                        dataplane_id: id.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                metrics.cp_connected.set(1);
+                tracing::info!("configuration stream connected");
+                while let Some(s) = stream.message().await? {
+                    let snap = Snapshot::from_proto(s, &metrics);
+                    metrics.snapshot_version.set(snap.version as i64);
+                    store.swap(snap);
+                    backoff = Duration::from_millis(100);
+                }
+                Ok::<_, tonic::Status>(())
+            };
+            let result = tokio::select! {
+                r = run => r,
+                _ = crate::app::stopped(&mut stop) => return,
+            };
+            metrics.cp_connected.set(0);
+            match result {
+                Ok(()) => tracing::warn!("configuration stream ended; reconnecting"),
+                Err(e) => {
+                    tracing::warn!(error = %e.message(), code = ?e.code(), "configuration stream failed; serving the last snapshot")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = crate::app::stopped(&mut stop) => return,
+            }
+            backoff = (backoff.mul_f32(1.6)).min(Duration::from_secs(2));
+        }
+    }
+}

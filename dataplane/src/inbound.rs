@@ -1,0 +1,515 @@
+//! The gateway port: mTLS (client certificate required, verified against the fabric
+//! CA), then HTTP/2 or HTTP/1.1 by ALPN. CONNECT requests are tunnels to exports,
+//! authorized locally by the access token (no control-plane call per connection);
+//! every other request is a peer request (GET /healthz, POST /authz) answered by the
+//! control plane. Bad input ends only its own connection or stream, with a status and
+//! a counter; nothing here panics on input.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use controlplane_api::v1;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::app::Shared;
+use crate::copy::{self, Counters};
+use crate::metrics::ConnGuard;
+use crate::tls::{remote_identity, ALPN_H2};
+use crate::token;
+use crate::tunnel::{self, PROTOCOLS_HEADER, PROTOCOLS_VALUE};
+
+/// Largest request head accepted (both HTTP versions).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Largest peer-request body (ClusterLink's Envoy limit).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Accepts gateway connections until `stop` turns true.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = crate::app::stopped(&mut stop) => return,
+        };
+        match accepted {
+            Ok((tcp, _)) => {
+                let shared = shared.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move { connection(tcp, shared, stop).await });
+            }
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "gateway accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(tcp: TcpStream, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    tunnel::tune(&tcp);
+    let material = shared.tls.borrow().clone();
+    let acceptor = TlsAcceptor::from(material.server.clone());
+    let tls = match tokio::time::timeout(shared.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "gateway TLS handshake failed");
+            shared
+                .metrics
+                .handshakes
+                .with_label_values(&["server", "error"])
+                .inc();
+            shared
+                .metrics
+                .rejected
+                .with_label_values(&["tls_handshake"])
+                .inc();
+            return;
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .handshakes
+                .with_label_values(&["server", "error"])
+                .inc();
+            shared
+                .metrics
+                .rejected
+                .with_label_values(&["handshake_timeout"])
+                .inc();
+            return;
+        }
+    };
+    shared
+        .metrics
+        .handshakes
+        .with_label_values(&["server", "ok"])
+        .inc();
+    let Some(identity) = remote_identity(tls.get_ref().1.peer_certificates()) else {
+        shared
+            .metrics
+            .rejected
+            .with_label_values(&["no_identity"])
+            .inc();
+        return;
+    };
+    let identity: Arc<str> = identity.into();
+    if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+        serve_h2(tls, identity, shared, stop).await;
+    } else {
+        serve_h1(tls, identity, shared, stop).await;
+    }
+}
+
+async fn serve_h2(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    identity: Arc<str>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(tunnel::STREAM_WINDOW)
+        .initial_connection_window_size(tunnel::CONN_WINDOW)
+        .max_frame_size(tunnel::MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_send_buffer_size(1024 * 1024)
+        .max_concurrent_streams(1000)
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+        Ok(Ok(c)) => c,
+        _ => {
+            shared
+                .metrics
+                .rejected
+                .with_label_values(&["h2_preface"])
+                .inc();
+            return;
+        }
+    };
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            n = conn.accept() => n,
+            _ = crate::app::stopped(&mut stop), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        match next {
+            Some(Ok((req, respond))) => {
+                let shared = shared.clone();
+                let identity = identity.clone();
+                tokio::spawn(async move { h2_stream(req, respond, identity, shared).await });
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "h2 gateway connection error");
+                shared
+                    .metrics
+                    .rejected
+                    .with_label_values(&["h2_protocol"])
+                    .inc();
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+fn response(status: StatusCode) -> http::response::Builder {
+    Response::builder()
+        .status(status)
+        .header(PROTOCOLS_HEADER, PROTOCOLS_VALUE)
+}
+
+async fn h2_stream(
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    identity: Arc<str>,
+    shared: Arc<Shared>,
+) {
+    let (parts, mut body) = req.into_parts();
+    if parts.method == Method::CONNECT {
+        let start = Instant::now();
+        match authorize_and_dial(&parts.headers, &identity, &shared).await {
+            Ok((target, service)) => {
+                let Ok(resp) = response(StatusCode::OK).body(()) else {
+                    return;
+                };
+                let Ok(send) = respond.send_response(resp, false) else {
+                    return;
+                };
+                let _track = shared.tracker.track();
+                let mut guard = ConnGuard::new(&shared.metrics, "inbound", &service);
+                shared
+                    .metrics
+                    .setup_seconds
+                    .with_label_values(&["inbound"])
+                    .observe(start.elapsed().as_secs_f64());
+                let counters = Counters {
+                    up: guard.from_target.clone(),
+                    down: guard.to_target.clone(),
+                };
+                let end = copy::splice_h2(target, send, body, &counters).await;
+                guard.set_reason(end.reason());
+            }
+            Err((status, reason)) => {
+                h2_reply(&mut respond, status, Bytes::from(reason));
+            }
+        }
+        return;
+    }
+    // A peer request: read the body, bounded.
+    let mut data = Vec::new();
+    let read = async {
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|_| StatusCode::BAD_REQUEST)?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if data.len() + chunk.len() > MAX_BODY {
+                return Err(StatusCode::PAYLOAD_TOO_LARGE);
+            }
+            data.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(shared.handshake_timeout, read).await {
+        Ok(Ok(())) => {}
+        Ok(Err(status)) => {
+            shared.metrics.rejected.with_label_values(&["body"]).inc();
+            h2_reply(
+                &mut respond,
+                status,
+                Bytes::from_static(b"bad request body"),
+            );
+            return;
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .rejected
+                .with_label_values(&["body_timeout"])
+                .inc();
+            h2_reply(&mut respond, StatusCode::REQUEST_TIMEOUT, Bytes::new());
+            return;
+        }
+    }
+    let (status, headers, body) = peer_request(
+        &parts.method,
+        parts.uri.path(),
+        &parts.headers,
+        data,
+        &identity,
+        &shared,
+    )
+    .await;
+    let mut builder = response(status);
+    for (k, v) in headers {
+        builder = builder.header(k, v);
+    }
+    if let Ok(resp) = builder.body(()) {
+        if let Ok(mut send) = respond.send_response(resp, body.is_empty()) {
+            if !body.is_empty() {
+                let _ = send.send_data(body, true);
+            }
+        }
+    }
+}
+
+fn h2_reply(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, body: Bytes) {
+    if let Ok(resp) = response(status).body(()) {
+        if let Ok(mut send) = respond.send_response(resp, body.is_empty()) {
+            if !body.is_empty() {
+                let _ = send.send_data(body, true);
+            }
+        }
+    }
+}
+
+async fn serve_h1(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    identity: Arc<str>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let svc_shared = shared.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        h1_request(req, identity.clone(), svc_shared.clone())
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.handshake_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(tls), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = crate::app::stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP/1.1 gateway connection error");
+        let reason = if e.is_timeout() {
+            "header_timeout"
+        } else if e.is_parse_too_large() {
+            "header_too_large"
+        } else {
+            "http1_protocol"
+        };
+        shared.metrics.rejected.with_label_values(&[reason]).inc();
+    }
+}
+
+type H1Response = Response<Full<Bytes>>;
+
+fn h1_reply(status: StatusCode, body: impl Into<Bytes>) -> H1Response {
+    response(status)
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+async fn h1_request(
+    req: Request<Incoming>,
+    identity: Arc<str>,
+    shared: Arc<Shared>,
+) -> Result<H1Response, Infallible> {
+    if req.method() == Method::CONNECT {
+        let start = Instant::now();
+        return Ok(
+            match authorize_and_dial(req.headers(), &identity, &shared).await {
+                Ok((target, service)) => {
+                    let track = shared.tracker.track();
+                    tokio::spawn(async move {
+                        let _track = track;
+                        let mut guard = ConnGuard::new(&shared.metrics, "inbound", &service);
+                        match hyper::upgrade::on(req).await {
+                            Ok(upgraded) => {
+                                shared
+                                    .metrics
+                                    .setup_seconds
+                                    .with_label_values(&["inbound"])
+                                    .observe(start.elapsed().as_secs_f64());
+                                let counters = Counters {
+                                    up: guard.from_target.clone(),
+                                    down: guard.to_target.clone(),
+                                };
+                                let end =
+                                    copy::splice_io(target, TokioIo::new(upgraded), &counters)
+                                        .await;
+                                guard.set_reason(end.reason());
+                            }
+                            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                        }
+                    });
+                    h1_reply(StatusCode::OK, Bytes::new())
+                }
+                Err((status, reason)) => h1_reply(status, reason),
+            },
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let data = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(e) => {
+            shared.metrics.rejected.with_label_values(&["body"]).inc();
+            let status = if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return Ok(h1_reply(status, "bad request body"));
+        }
+    };
+    let (status, headers, body) = peer_request(
+        &parts.method,
+        parts.uri.path(),
+        &parts.headers,
+        data,
+        &identity,
+        &shared,
+    )
+    .await;
+    let mut builder = response(status);
+    for (k, v) in headers {
+        builder = builder.header(k, v);
+    }
+    Ok(builder.body(Full::new(body)).unwrap_or_else(|_| {
+        h1_reply(
+            StatusCode::BAD_GATEWAY,
+            "control plane sent an invalid header",
+        )
+    }))
+}
+
+/// Forwards a non-CONNECT request to the control plane.
+async fn peer_request(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Vec<u8>,
+    identity: &str,
+    shared: &Shared,
+) -> (StatusCode, Vec<(String, Vec<u8>)>, Bytes) {
+    let req = v1::PeerHttpRequest {
+        method: method.to_string(),
+        path: path.to_owned(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| v1::Header {
+                name: k.as_str().to_owned(),
+                value: v.as_bytes().to_vec(),
+            })
+            .collect(),
+        body,
+        peer_identity: identity.to_owned(),
+    };
+    match shared.cp.peer_request(req).await {
+        Ok(r) => {
+            let status = u16::try_from(r.status)
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::BAD_GATEWAY);
+            let headers = r.headers.into_iter().map(|h| (h.name, h.value)).collect();
+            (status, headers, Bytes::from(r.body))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "peer request: control plane unavailable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Vec::new(),
+                Bytes::from("control plane unavailable"),
+            )
+        }
+    }
+}
+
+/// Verifies the CONNECT's token against the snapshot's key and the caller's mTLS
+/// identity, then dials the export. The error is the status and reason to answer.
+async fn authorize_and_dial(
+    headers: &HeaderMap,
+    identity: &str,
+    shared: &Shared,
+) -> Result<(TcpStream, String), (StatusCode, String)> {
+    let deny = |reason: &'static str, status: StatusCode, text: String| {
+        shared
+            .metrics
+            .denials
+            .with_label_values(&["inbound", reason])
+            .inc();
+        (status, text)
+    };
+    let Some(auth) = headers.get(http::header::AUTHORIZATION) else {
+        return Err(deny(
+            "no_token",
+            StatusCode::BAD_REQUEST,
+            "Missing 'authorization' header.".into(),
+        ));
+    };
+    let Some(token) = auth.to_str().ok().and_then(|a| a.strip_prefix("Bearer ")) else {
+        return Err(deny(
+            "no_token",
+            StatusCode::BAD_REQUEST,
+            "Authorization header is not using the bearer scheme.".into(),
+        ));
+    };
+    let snap = shared.store.load();
+    let claims = token::verify(
+        &snap.token_key,
+        snap.min_epoch,
+        token,
+        identity,
+        token::now_unix(),
+    )
+    .map_err(|e| {
+        let reason = match e {
+            token::Error::Expired => "token_expired",
+            token::Error::StaleEpoch { .. } => "token_stale",
+            token::Error::WrongPeer { .. } => "token_wrong_peer",
+            _ => "token_invalid",
+        };
+        deny(reason, StatusCode::FORBIDDEN, e.to_string())
+    })?;
+    let service = crate::snapshot::key(&claims.export_namespace, &claims.export_name);
+    let Some(export) = snap.exports.get(&service) else {
+        return Err(deny(
+            "unknown_export",
+            StatusCode::NOT_FOUND,
+            format!("Exported service '{service}' not found."),
+        ));
+    };
+    let target = (export.host.as_str(), export.port);
+    match tokio::time::timeout(shared.connect_timeout, TcpStream::connect(target)).await {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok((tcp, service))
+        }
+        Ok(Err(e)) => Err(deny(
+            "target_unreachable",
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "cannot reach {}:{} for '{service}': {e}",
+                export.host, export.port
+            ),
+        )),
+        Err(_) => Err(deny(
+            "target_unreachable",
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "timed out connecting to {}:{} for '{service}'",
+                export.host, export.port
+            ),
+        )),
+    }
+}

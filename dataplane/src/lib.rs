@@ -1,0 +1,15 @@
+//! cl-dataplane: the ClusterLink gateway. See ARCHITECTURE.md for the picture.
+
+pub mod admin;
+pub mod app;
+pub mod copy;
+pub mod cpclient;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod snapshot;
+pub mod tls;
+pub mod token;
+pub mod tunnel;
+
+pub use app::{start, Config, Running};

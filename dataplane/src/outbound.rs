@@ -1,0 +1,280 @@
+//! Imports: one TCP listener per import of the snapshot in force, reconciled on every
+//! snapshot. Each accepted connection asks the local control plane for egress
+//! authorization (so load balancing and policy act on every connection), opens a
+//! tunnel to the chosen peer and splices. A connection that cannot be authorized or
+//! routed is reset at once, never left hanging.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use controlplane_api::v1;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::app::Shared;
+use crate::copy::{self, Counters};
+use crate::metrics::ConnGuard;
+use crate::snapshot::Import;
+use crate::tunnel::{self, Dialer, Tunnel};
+
+/// Bound on the last-known-good cache; past it the cache starts over.
+const LAST_GOOD_MAX: usize = 4096;
+
+/// Last allowed egress answers, by "import|client IP" (see `Shared::last_good`).
+#[derive(Default)]
+pub struct LastGood(Mutex<HashMap<String, v1::EgressResponse>>);
+
+impl LastGood {
+    fn remember(&self, key: String, answer: &v1::EgressResponse) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= LAST_GOOD_MAX && !m.contains_key(&key) {
+            m.clear();
+        }
+        m.insert(key, answer.clone());
+    }
+
+    fn recall(&self, key: &str) -> Option<v1::EgressResponse> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(key)
+            .filter(|a| a.expires_unix_ms > now_ms + 500)
+            .cloned()
+    }
+
+    fn forget(&self, key: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+struct Bound {
+    import: Import,
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+/// The import listeners.
+pub struct Imports {
+    bind: IpAddr,
+    listeners: Mutex<HashMap<String, Bound>>,
+}
+
+impl Imports {
+    pub fn new(bind: IpAddr) -> Self {
+        Imports {
+            bind,
+            listeners: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Bound address of each import listener, by "namespace/name".
+    pub fn addrs(&self) -> HashMap<String, SocketAddr> {
+        let l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        l.iter().map(|(k, b)| (k.clone(), b.addr)).collect()
+    }
+
+    /// Brings the listeners in line with the snapshot in force: binds new imports,
+    /// rebinds changed ones, closes removed ones. Connections already accepted are
+    /// not touched. Returns false if some listener could not be bound.
+    pub async fn reconcile(
+        &self,
+        shared: &Arc<Shared>,
+        dialer: &Arc<Dialer>,
+        stop: &watch::Receiver<bool>,
+    ) -> bool {
+        let snap = shared.store.load();
+        let mut ok = true;
+        let mut to_bind = Vec::new();
+        {
+            let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            l.retain(|k, b| {
+                let keep = snap.imports.get(k) == Some(&b.import);
+                if !keep {
+                    tracing::info!(import = %k, "import listener closed");
+                    b.task.abort();
+                }
+                keep
+            });
+            for (k, i) in &snap.imports {
+                if !l.contains_key(k) {
+                    to_bind.push((k.clone(), i.clone()));
+                }
+            }
+        }
+        for (k, import) in to_bind {
+            match TcpListener::bind((self.bind, import.port)).await {
+                Ok(listener) => {
+                    let addr = listener
+                        .local_addr()
+                        .unwrap_or(SocketAddr::new(self.bind, import.port));
+                    tracing::info!(import = %k, %addr, "import listener bound");
+                    let task = tokio::spawn(accept_loop(
+                        listener,
+                        k.clone(),
+                        shared.clone(),
+                        dialer.clone(),
+                        stop.clone(),
+                    ));
+                    let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+                    l.insert(k, Bound { import, addr, task });
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::error!(import = %k, port = import.port, error = %e, "cannot bind import listener");
+                }
+            }
+        }
+        ok
+    }
+
+    /// Closes every listener (drain).
+    pub fn close_all(&self) {
+        let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, b) in l.drain() {
+            b.task.abort();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    service: String,
+    shared: Arc<Shared>,
+    dialer: Arc<Dialer>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service: Arc<str> = service.into();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = crate::app::stopped(&mut stop) => return,
+        };
+        match accepted {
+            Ok((tcp, peer_addr)) => {
+                let shared = shared.clone();
+                let dialer = dialer.clone();
+                let service = service.clone();
+                tokio::spawn(async move {
+                    connection(tcp, peer_addr, &service, &shared, &dialer).await
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "import accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(
+    client: TcpStream,
+    client_addr: SocketAddr,
+    service: &str,
+    shared: &Shared,
+    dialer: &Dialer,
+) {
+    let start = Instant::now();
+    let _track = shared.tracker.track();
+    tunnel::tune(&client);
+    let mut guard = ConnGuard::new(&shared.metrics, "outbound", service);
+    let (namespace, name) = service.split_once('/').unwrap_or(("", service));
+    let mut request = v1::EgressRequest {
+        import_namespace: namespace.to_owned(),
+        import_name: name.to_owned(),
+        client_ip: client_addr.ip().to_string(),
+        rejected_token: String::new(),
+    };
+    let deny = |guard: &mut ConnGuard, reason: &'static str| {
+        shared
+            .metrics
+            .denials
+            .with_label_values(&["outbound", reason])
+            .inc();
+        guard.set_reason("denied");
+        copy::reset_on_drop(&client);
+    };
+    // One retry: a token refused by the remote peer is reported, and a fresh one asked for.
+    for attempt in 0..2 {
+        let t = Instant::now();
+        let answer = shared.cp.authorize_egress(request.clone()).await;
+        shared
+            .metrics
+            .egress_authz_seconds
+            .observe(t.elapsed().as_secs_f64());
+        let cache_key = format!("{service}|{}", request.client_ip);
+        let answer = match answer {
+            Ok(a) if a.allowed => {
+                shared.last_good.remember(cache_key.clone(), &a);
+                a
+            }
+            Ok(a) => {
+                tracing::debug!(import = %service, reason = %a.reason, "egress denied");
+                return deny(&mut guard, "policy");
+            }
+            Err(e) => match shared.last_good.recall(&cache_key) {
+                // Last-known-good: the control plane is away, the earlier answer's
+                // token is still valid, and the exporting peer checks it anyway.
+                Some(a) if request.rejected_token.is_empty() => {
+                    tracing::debug!(import = %service, error = %e, "control plane away; using the last answer");
+                    a
+                }
+                _ => {
+                    tracing::warn!(import = %service, error = %e, "egress authorization unavailable");
+                    return deny(&mut guard, "controlplane_unavailable");
+                }
+            },
+        };
+        let snap = shared.store.load();
+        let Some(peer) = snap.peers.get(&answer.peer) else {
+            tracing::warn!(import = %service, peer = %answer.peer, "egress answer names an unknown peer");
+            return deny(&mut guard, "unknown_peer");
+        };
+        let tunnel = match dialer.open(peer, &answer.access_token).await {
+            Ok(t) => t,
+            Err(tunnel::Error::Refused { status, reason, .. })
+                if attempt == 0 && status == http::StatusCode::FORBIDDEN =>
+            {
+                tracing::debug!(import = %service, %reason, "token refused; asking again");
+                shared.last_good.forget(&cache_key);
+                request.rejected_token = answer.access_token;
+                continue;
+            }
+            Err(e) => {
+                tracing::info!(import = %service, peer = %peer.name, error = %e, "no tunnel");
+                shared
+                    .metrics
+                    .denials
+                    .with_label_values(&["outbound", "unreachable"])
+                    .inc();
+                guard.set_reason("unreachable");
+                copy::reset_on_drop(&client);
+                return;
+            }
+        };
+        shared
+            .metrics
+            .setup_seconds
+            .with_label_values(&["outbound"])
+            .observe(start.elapsed().as_secs_f64());
+        let counters = Counters {
+            up: guard.to_target.clone(),
+            down: guard.from_target.clone(),
+        };
+        let end = match tunnel {
+            Tunnel::H2 { send, recv, lease } => {
+                let end = copy::splice_h2(client, send, recv, &counters).await;
+                drop(lease);
+                end
+            }
+            Tunnel::H1(io) => copy::splice_io(client, io, &counters).await,
+        };
+        guard.set_reason(end.reason());
+        return;
+    }
+    deny(&mut guard, "token_refused");
+}

@@ -1,0 +1,536 @@
+//! Outbound tunnels to remote gateways. Over HTTP/2, each tunnelled connection is one
+//! CONNECT stream on a pooled mTLS connection per gateway: no TLS handshake per new
+//! connection in steady state. A new pooled connection is opened when the others are
+//! at their stream limit, have received GOAWAY, or were made with certificates that
+//! have since been rotated. Peers that do not tunnel over h2 (ClusterLink's Go data
+//! plane offers h2 in ALPN but cannot CONNECT over it) get HTTP/1.1 CONNECT, one TLS
+//! connection per tunnel, as ClusterLink's data planes expect.
+//! The pool lock is held only to pick or insert a connection, never across I/O.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::metrics::Metrics;
+use crate::snapshot::{Peer, Protocol};
+use crate::tls::{Material, ALPN_H2};
+
+/// Header every response of our gateway carries, so that a dialer can tell our
+/// refusals (authoritative) from a peer that cannot tunnel over h2.
+pub const PROTOCOLS_HEADER: &str = "clusterlink-tunnel-protocols";
+pub const PROTOCOLS_VALUE: &str = "h2, http/1.1";
+
+/// HTTP/2 flow-control windows: large enough that flow control never stalls a bulk
+/// transfer on loopback (ztunnel uses the same 4 MiB / 16 MiB).
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 256 * 1024;
+/// Longest response head accepted from a remote gateway.
+const MAX_HEAD: usize = 16 * 1024;
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("peer {0:?} has no gateways")]
+    NoGateways(String),
+    #[error("gateway {gateway}: {reason}")]
+    Gateway { gateway: String, reason: String },
+    #[error("gateway refused the tunnel: {status} {reason}")]
+    Refused {
+        status: StatusCode,
+        reason: String,
+        /// The refusal came from a gateway that tunnels over h2 (ours).
+        authoritative: bool,
+    },
+}
+
+/// An established tunnel to an export, ready to splice.
+pub enum Tunnel {
+    H2 {
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        lease: StreamLease,
+    },
+    H1(Rewind<TlsStream<TcpStream>>),
+}
+
+/// Counts a stream against its pooled connection until dropped.
+pub struct StreamLease(Arc<AtomicUsize>);
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Pooled {
+    send: h2::client::SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+    dead: Arc<AtomicBool>,
+    generation: u64,
+}
+
+impl Pooled {
+    fn usable(&self, generation: u64) -> bool {
+        !self.dead.load(Ordering::Relaxed)
+            && self.generation == generation
+            && self.active.load(Ordering::Relaxed) < self.send.current_max_send_streams()
+    }
+}
+
+/// Dials remote gateways and keeps the HTTP/2 pool.
+pub struct Dialer {
+    tls: watch::Receiver<Arc<Material>>,
+    metrics: Arc<Metrics>,
+    connect_timeout: Duration,
+    gateway_backoff: Duration,
+    pool: Mutex<HashMap<String, Vec<Arc<Pooled>>>>,
+    /// Serialises connection set-up per gateway so that a burst of new connections
+    /// shares one handshake instead of racing many.
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    failed_until: Mutex<HashMap<String, Instant>>,
+    /// Peers learned to need HTTP/1.1 CONNECT.
+    h1_peers: Mutex<HashSet<String>>,
+    /// Force HTTP/1.1 CONNECT toward every peer (ClusterLink's model; benchmarks).
+    force_h1: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these short critical sections cannot leave them
+    // inconsistent, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Dialer {
+    pub fn new(
+        tls: watch::Receiver<Arc<Material>>,
+        metrics: Arc<Metrics>,
+        connect_timeout: Duration,
+        force_h1: bool,
+    ) -> Self {
+        Dialer {
+            tls,
+            metrics,
+            connect_timeout,
+            gateway_backoff: Duration::from_secs(5),
+            pool: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(HashMap::new()),
+            failed_until: Mutex::new(HashMap::new()),
+            h1_peers: Mutex::new(HashSet::new()),
+            force_h1,
+        }
+    }
+
+    fn wants_h1(&self, peer: &Peer) -> bool {
+        self.force_h1
+            || peer.protocol == Protocol::Http1
+            || (peer.protocol == Protocol::Auto && lock(&self.h1_peers).contains(&peer.name))
+    }
+
+    /// Gateways in order, those that failed recently last.
+    fn ordered<'a>(&self, peer: &'a Peer) -> Vec<&'a String> {
+        let now = Instant::now();
+        let failed = lock(&self.failed_until);
+        let (mut good, bad): (Vec<_>, Vec<_>) = peer
+            .gateways
+            .iter()
+            .partition(|g| failed.get(*g).is_none_or(|t| *t <= now));
+        // Skipped while backing off; tried only when every gateway is backing off.
+        if good.is_empty() {
+            good = bad;
+        }
+        good
+    }
+
+    fn mark_failed(&self, gateway: &str) {
+        lock(&self.failed_until).insert(gateway.to_owned(), Instant::now() + self.gateway_backoff);
+    }
+
+    /// Opens a tunnel to `peer` carrying `token`, trying its gateways in order.
+    pub async fn open(&self, peer: &Peer, token: &str) -> Result<Tunnel, Error> {
+        let gateways = self.ordered(peer);
+        if gateways.is_empty() {
+            return Err(Error::NoGateways(peer.name.clone()));
+        }
+        let mut last = None;
+        for gw in gateways {
+            match self.open_via(peer, gw, token).await {
+                Ok(t) => {
+                    lock(&self.failed_until).remove(gw.as_str());
+                    return Ok(t);
+                }
+                Err(e @ Error::Refused { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(peer = %peer.name, gateway = %gw, error = %e, "gateway failed");
+                    self.mark_failed(gw);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::NoGateways(peer.name.clone())))
+    }
+
+    async fn open_via(&self, peer: &Peer, gw: &str, token: &str) -> Result<Tunnel, Error> {
+        if self.wants_h1(peer) {
+            let tls = self.dial_tls(peer, gw, false).await?;
+            return connect_h1(tls, peer, gw, token).await;
+        }
+        match self.open_h2(peer, gw, token).await {
+            Err(Error::Refused {
+                status,
+                authoritative: false,
+                ..
+            }) if peer.protocol == Protocol::Auto => {
+                tracing::info!(peer = %peer.name, %status, "h2 CONNECT failed; using HTTP/1.1 CONNECT for this peer");
+                lock(&self.h1_peers).insert(peer.name.clone());
+                let tls = self.dial_tls(peer, gw, false).await?;
+                connect_h1(tls, peer, gw, token).await
+            }
+            other => other,
+        }
+    }
+
+    async fn dial_tls(
+        &self,
+        peer: &Peer,
+        gw: &str,
+        h2: bool,
+    ) -> Result<TlsStream<TcpStream>, Error> {
+        let material = self.tls.borrow().clone();
+        let gerr = |reason: String| Error::Gateway {
+            gateway: gw.to_owned(),
+            reason,
+        };
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(gw))
+            .await
+            .map_err(|_| gerr("connect timed out".into()))?
+            .map_err(|e| gerr(format!("connect: {e}")))?;
+        tune(&tcp);
+        let config = if h2 {
+            material.client_h2.clone()
+        } else {
+            material.client_h1.clone()
+        };
+        let name = rustls_pki_types::ServerName::try_from(peer.name.clone())
+            .map_err(|e| gerr(format!("peer name: {e}")))?;
+        let handshake = TlsConnector::from(config).connect(name, tcp);
+        match tokio::time::timeout(self.connect_timeout * 5, handshake).await {
+            Ok(Ok(tls)) => {
+                self.metrics
+                    .handshakes
+                    .with_label_values(&["client", "ok"])
+                    .inc();
+                Ok(tls)
+            }
+            Ok(Err(e)) => {
+                self.metrics
+                    .handshakes
+                    .with_label_values(&["client", "error"])
+                    .inc();
+                Err(gerr(format!("TLS: {e}")))
+            }
+            Err(_) => {
+                self.metrics
+                    .handshakes
+                    .with_label_values(&["client", "error"])
+                    .inc();
+                Err(gerr("TLS handshake timed out".into()))
+            }
+        }
+    }
+
+    /// A pooled connection to `gw` with a free stream slot, made if needed.
+    async fn pooled(
+        &self,
+        peer: &Peer,
+        gw: &str,
+    ) -> Result<Result<Arc<Pooled>, TlsStream<TcpStream>>, Error> {
+        let key = format!("{}@{gw}", peer.name);
+        let generation = self.tls.borrow().generation;
+        let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>| {
+            let conns = pool.entry(key.clone()).or_default();
+            conns.retain(|c| !c.dead.load(Ordering::Relaxed));
+            conns.iter().find(|c| c.usable(generation)).cloned()
+        };
+        if let Some(c) = pick(&mut lock(&self.pool)) {
+            return Ok(Ok(c));
+        }
+        let gate = lock(&self.connecting)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _gate = gate.lock().await;
+        if let Some(c) = pick(&mut lock(&self.pool)) {
+            return Ok(Ok(c));
+        }
+        let tls = self.dial_tls(peer, gw, true).await?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+            // The peer does not speak h2: use this connection for HTTP/1.1 CONNECT.
+            lock(&self.h1_peers).insert(peer.name.clone());
+            return Ok(Err(tls));
+        }
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_send_buffer_size(1024 * 1024)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| Error::Gateway {
+                gateway: gw.to_owned(),
+                reason: format!("h2 handshake: {e}"),
+            })?;
+        let dead = Arc::new(AtomicBool::new(false));
+        let metrics = self.metrics.clone();
+        metrics.tunnels_open.inc();
+        {
+            let dead = dead.clone();
+            let gw = gw.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(gateway = %gw, error = %e, "pooled tunnel ended");
+                }
+                dead.store(true, Ordering::Relaxed);
+                metrics.tunnels_open.dec();
+            });
+        }
+        let pooled = Arc::new(Pooled {
+            send,
+            active: Arc::new(AtomicUsize::new(0)),
+            dead,
+            generation,
+        });
+        lock(&self.pool)
+            .entry(key)
+            .or_default()
+            .push(pooled.clone());
+        Ok(Ok(pooled))
+    }
+
+    async fn open_h2(&self, peer: &Peer, gw: &str, token: &str) -> Result<Tunnel, Error> {
+        // One retry covers a pooled connection that went away (GOAWAY) under us.
+        for attempt in 0..2 {
+            let pooled = match self.pooled(peer, gw).await? {
+                Ok(p) => p,
+                Err(tls) => return connect_h1(tls, peer, gw, token).await,
+            };
+            pooled.active.fetch_add(1, Ordering::Relaxed);
+            let lease = StreamLease(pooled.active.clone());
+            let req = Request::builder()
+                .method(Method::CONNECT)
+                .uri(format!("{}:443", peer.name))
+                .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(())
+                .map_err(|e| Error::Gateway {
+                    gateway: gw.to_owned(),
+                    reason: format!("request: {e}"),
+                })?;
+            let send = pooled.send.clone();
+            let sent = match send.ready().await {
+                Ok(mut s) => s.send_request(req, false),
+                Err(e) => Err(e),
+            };
+            let (response, stream) = match sent {
+                Ok(x) => x,
+                Err(e) => {
+                    pooled.dead.store(true, Ordering::Relaxed);
+                    if attempt == 0 {
+                        continue;
+                    }
+                    return Err(Error::Gateway {
+                        gateway: gw.to_owned(),
+                        reason: format!("h2 stream: {e}"),
+                    });
+                }
+            };
+            let response = match tokio::time::timeout(RESPONSE_TIMEOUT, response).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) if e.is_go_away() || e.is_io() => {
+                    pooled.dead.store(true, Ordering::Relaxed);
+                    if attempt == 0 {
+                        continue;
+                    }
+                    return Err(Error::Gateway {
+                        gateway: gw.to_owned(),
+                        reason: format!("h2 CONNECT: {e}"),
+                    });
+                }
+                Ok(Err(e)) => {
+                    return Err(Error::Refused {
+                        status: StatusCode::BAD_GATEWAY,
+                        reason: format!("h2 CONNECT: {e}"),
+                        authoritative: false,
+                    })
+                }
+                Err(_) => {
+                    return Err(Error::Gateway {
+                        gateway: gw.to_owned(),
+                        reason: "no answer to CONNECT".into(),
+                    })
+                }
+            };
+            let status = response.status();
+            let authoritative = response.headers().contains_key(PROTOCOLS_HEADER);
+            let mut recv = response.into_body();
+            if status == StatusCode::OK {
+                return Ok(Tunnel::H2 {
+                    send: stream,
+                    recv,
+                    lease,
+                });
+            }
+            let reason = read_reason(&mut recv).await;
+            return Err(Error::Refused {
+                status,
+                reason,
+                authoritative,
+            });
+        }
+        Err(Error::Gateway {
+            gateway: gw.to_owned(),
+            reason: "pooled connection lost twice".into(),
+        })
+    }
+}
+
+/// Reads up to 1 KiB of a refusal's body, for the log.
+async fn read_reason(recv: &mut RecvStream) -> String {
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(Ok(d)) = recv.data().await {
+            let _ = recv.flow_control().release_capacity(d.len());
+            out.extend_from_slice(&d[..d.len().min(1024 - out.len().min(1024))]);
+            if out.len() >= 1024 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// TCP_NODELAY and keepalive on a tunnel or client socket.
+pub fn tune(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let sock = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    let _ = sock.set_tcp_keepalive(&ka);
+}
+
+/// HTTP/1.1 CONNECT on a dedicated TLS connection, as ClusterLink's data planes speak it.
+async fn connect_h1(
+    mut tls: TlsStream<TcpStream>,
+    peer: &Peer,
+    gw: &str,
+    token: &str,
+) -> Result<Tunnel, Error> {
+    let gerr = |reason: String| Error::Gateway {
+        gateway: gw.to_owned(),
+        reason,
+    };
+    let head = format!(
+        "CONNECT {p}:443 HTTP/1.1\r\nHost: {p}:443\r\nAuthorization: Bearer {token}\r\n\r\n",
+        p = peer.name
+    );
+    tls.write_all(head.as_bytes())
+        .await
+        .map_err(|e| gerr(format!("write CONNECT: {e}")))?;
+    tls.flush()
+        .await
+        .map_err(|e| gerr(format!("write CONNECT: {e}")))?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let read_head = async {
+        loop {
+            if buf.len() >= MAX_HEAD {
+                return Err(gerr("response head too large".into()));
+            }
+            let n = tls
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| gerr(format!("read CONNECT response: {e}")))?;
+            if n == 0 {
+                return Err(gerr("connection closed before the CONNECT response".into()));
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    return Ok((len, resp.code.unwrap_or(0)));
+                }
+                Ok(httparse::Status::Partial) => continue,
+                Err(e) => return Err(gerr(format!("bad CONNECT response: {e}"))),
+            }
+        }
+    };
+    let (len, status) = tokio::time::timeout(RESPONSE_TIMEOUT, read_head)
+        .await
+        .map_err(|_| gerr("no answer to CONNECT".into()))??;
+    if status == 200 {
+        buf.advance(len);
+        return Ok(Tunnel::H1(Rewind {
+            pre: buf.freeze(),
+            inner: tls,
+        }));
+    }
+    let body = String::from_utf8_lossy(&buf[len..buf.len().min(len + 1024)]).into_owned();
+    Err(Error::Refused {
+        status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+        reason: body,
+        // There is nothing to fall back to from HTTP/1.1.
+        authoritative: true,
+    })
+}
+
+/// A stream that first yields bytes already read past a response head.
+pub struct Rewind<T> {
+    pre: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
