@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
+use crate::copy::End;
 use crate::cpclient::ControlPlane;
 use crate::metrics::Metrics;
 use crate::outbound::Imports;
@@ -100,11 +101,22 @@ impl Config {
     }
 }
 
-/// Counts in-flight tunnelled connections for the drain.
-#[derive(Default)]
+/// Counts in-flight tunnelled connections for the drain, and force-closes the ones
+/// left when the drain times out.
 pub struct Tracker {
     count: AtomicUsize,
     idle: Notify,
+    force: watch::Sender<bool>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            count: AtomicUsize::new(0),
+            idle: Notify::new(),
+            force: watch::channel(false).0,
+        }
+    }
 }
 
 pub struct TrackGuard(Arc<Tracker>);
@@ -113,6 +125,15 @@ impl Tracker {
     pub fn track(self: &Arc<Self>) -> TrackGuard {
         self.count.fetch_add(1, Ordering::Relaxed);
         TrackGuard(self.clone())
+    }
+
+    /// Runs a relay until it ends or the drain force-closes it.
+    pub async fn run(&self, relay: impl std::future::Future<Output = End>) -> End {
+        let mut force = self.force.subscribe();
+        tokio::select! {
+            end = relay => end,
+            _ = stopped(&mut force) => End::Drained,
+        }
     }
 
     pub fn active(&self) -> usize {
@@ -188,6 +209,7 @@ impl Running {
                 "drain timeout; closing the remaining streams"
             );
         }
+        self.shared.tracker.force.send_replace(true);
         let _ = self.halt.send(true);
     }
 }

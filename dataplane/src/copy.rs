@@ -28,6 +28,8 @@ pub enum End {
     LocalReset,
     /// The tunnel side was reset or failed; the local TCP connection was reset too.
     RemoteReset,
+    /// Still open when the drain timed out; closed by the gateway.
+    Drained,
 }
 
 impl End {
@@ -36,6 +38,7 @@ impl End {
             End::Eof => "eof",
             End::LocalReset => "local_reset",
             End::RemoteReset => "remote_reset",
+            End::Drained => "drained",
         }
     }
 }

@@ -197,7 +197,10 @@ async fn h2_stream(
                     up: guard.from_target.clone(),
                     down: guard.to_target.clone(),
                 };
-                let end = copy::splice_h2(target, send, body, &counters).await;
+                let end = shared
+                    .tracker
+                    .run(copy::splice_h2(target, send, body, &counters))
+                    .await;
                 guard.set_reason(end.reason());
             }
             Err((status, reason)) => {

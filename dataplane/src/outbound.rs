@@ -267,11 +267,19 @@ async fn connection(
         };
         let end = match tunnel {
             Tunnel::H2 { send, recv, lease } => {
-                let end = copy::splice_h2(client, send, recv, &counters).await;
+                let end = shared
+                    .tracker
+                    .run(copy::splice_h2(client, send, recv, &counters))
+                    .await;
                 drop(lease);
                 end
             }
-            Tunnel::H1(io) => copy::splice_io(client, io, &counters).await,
+            Tunnel::H1(io) => {
+                shared
+                    .tracker
+                    .run(copy::splice_io(client, io, &counters))
+                    .await
+            }
         };
         guard.set_reason(end.reason());
         return;

@@ -506,20 +506,13 @@ pub fn allow_to_b() -> impl Fn(&v1::EgressRequest) -> v1::EgressResponse + Send 
     }
 }
 
+#[derive(Default)]
 pub struct Options {
     pub force_http1_a: bool,
-    pub cert_a: Option<PeerCert>,
-    pub cert_b: Option<PeerCert>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            force_http1_a: false,
-            cert_a: None,
-            cert_b: None,
-        }
-    }
+    /// Name in B's certificate, if not "peer-b" (A still dials "peer-b").
+    pub cert_name_b: Option<String>,
+    /// Drain timeout of both gateways, in seconds (default 5).
+    pub drain_timeout: Option<f64>,
 }
 
 /// Two gateways, each with its own fake control plane, and an echo target behind B:
@@ -547,22 +540,19 @@ impl Pair {
         init_logs();
         let fabric = Fabric::new("test-fabric")?;
         let dir = TempDir::new("cl-pair")?;
-        let cert_a = match opts.cert_a {
-            Some(c) => c,
-            None => fabric.issue(PEER_A)?,
-        };
-        let cert_b = match opts.cert_b {
-            Some(c) => c,
-            None => fabric.issue(PEER_B)?,
-        };
+        let cert_a = fabric.issue(PEER_A)?;
+        let cert_b = fabric.issue(opts.cert_name_b.as_deref().unwrap_or(PEER_B))?;
         let files_a = PeerFiles::write(&dir.path().join(PEER_A), &fabric.ca_pem, &cert_a)?;
         let files_b = PeerFiles::write(&dir.path().join(PEER_B), &fabric.ca_pem, &cert_b)?;
         let cp_b = FakeControlPlane::start(exporter_snapshot(target))?;
-        let b = dataplane::start(gateway_config(&files_b, cp_b.addr)).await?;
+        let mut cfg_b = gateway_config(&files_b, cp_b.addr);
+        cfg_b.drain_timeout = opts.drain_timeout.unwrap_or(5.0);
+        let b = dataplane::start(cfg_b).await?;
         let cp_a = FakeControlPlane::start(importer_snapshot(b.gateway_addr))?;
         cp_a.set_egress(allow_to_b());
         let mut cfg_a = gateway_config(&files_a, cp_a.addr);
         cfg_a.force_http1 = opts.force_http1_a;
+        cfg_a.drain_timeout = opts.drain_timeout.unwrap_or(5.0);
         let a = dataplane::start(cfg_a).await?;
         wait_ready(&b).await?;
         wait_ready(&a).await?;
@@ -656,4 +646,92 @@ pub fn init_logs() {
         )
         .with_test_writer()
         .try_init();
+}
+
+// ---------------------------------------------------------------- raw peer clients
+
+/// An mTLS connection to a gateway as a peer would make it: `cert` as client
+/// certificate, `ca_pem` as trust root, SNI `server_name`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    ca_pem: &str,
+    cert: &PeerCert,
+    server_name: &str,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let chain =
+        CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(server_name.to_owned())?;
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .context("TLS handshake timed out")??;
+    Ok(tls)
+}
+
+/// Sends an HTTP/1.1 request head and returns the status and whatever body bytes
+/// arrive with the head (the stream is then positioned after the head).
+pub async fn h1_request<S>(stream: &mut S, head: &str) -> Result<(u16, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(head.as_bytes()).await?;
+    stream.flush().await?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                bail!(
+                    "connection closed before a response head ({} bytes)",
+                    buf.len()
+                );
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(len) = resp.parse(&buf)? {
+                let code = resp.code.unwrap_or(0);
+                let body = String::from_utf8_lossy(&buf[len..]).into_owned();
+                return Ok((code, body));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .context("no response head")?
+}
+
+/// The head of an HTTP/1.1 CONNECT with an optional bearer token.
+pub fn connect_head(token: Option<&str>) -> String {
+    match token {
+        Some(t) => format!("CONNECT {PEER_B}:443 HTTP/1.1\r\nHost: {PEER_B}:443\r\nAuthorization: Bearer {t}\r\n\r\n"),
+        None => format!("CONNECT {PEER_B}:443 HTTP/1.1\r\nHost: {PEER_B}:443\r\n\r\n"),
+    }
+}
+
+/// True if the peer closed or reset the connection (reading yields no data).
+pub async fn closed_by_peer<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
 }

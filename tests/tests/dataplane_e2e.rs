@@ -75,3 +75,198 @@ async fn round_trip_over_http1_connect() -> Result<()> {
     );
     Ok(())
 }
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The client half-closes first: the target sees EOF, then answers, and the answer
+/// still reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_client() -> Result<()> {
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let taddr = target.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = target.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                // Reads to EOF: only a carried FIN ends this.
+                if s.read_to_end(&mut got).await.is_ok() {
+                    let _ = s
+                        .write_all(format!("got {} bytes", got.len()).as_bytes())
+                        .await;
+                }
+            });
+        }
+    });
+    for http1 in [false, true] {
+        let pair = Pair::start_with_target(
+            Options {
+                force_http1_a: http1,
+                ..Default::default()
+            },
+            taddr,
+        )
+        .await?;
+        let mut c = TcpStream::connect(pair.import).await?;
+        c.write_all(&[7u8; 5000]).await?;
+        c.shutdown().await?;
+        let mut answer = String::new();
+        tokio::time::timeout(T, c.read_to_string(&mut answer)).await??;
+        ensure!(answer == "got 5000 bytes", "http1={http1}: {answer:?}");
+    }
+    Ok(())
+}
+
+/// The target half-closes first: the client reads EOF and can still send, and the
+/// target receives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_target() -> Result<()> {
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let taddr = target.local_addr()?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<usize>(4);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = target.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(b"hello").await;
+                let _ = s.shutdown().await;
+                let mut got = Vec::new();
+                if s.read_to_end(&mut got).await.is_ok() {
+                    let _ = tx.send(got.len()).await;
+                }
+            });
+        }
+    });
+    for http1 in [false, true] {
+        let pair = Pair::start_with_target(
+            Options {
+                force_http1_a: http1,
+                ..Default::default()
+            },
+            taddr,
+        )
+        .await?;
+        let mut c = TcpStream::connect(pair.import).await?;
+        let mut greeting = Vec::new();
+        tokio::time::timeout(T, c.read_to_end(&mut greeting)).await??;
+        ensure!(greeting == b"hello", "http1={http1}: {greeting:?}");
+        c.write_all(&[1u8; 10_000]).await?;
+        c.shutdown().await?;
+        let n = tokio::time::timeout(T, rx.recv()).await?;
+        ensure!(n == Some(10_000), "http1={http1}: target got {n:?}");
+    }
+    Ok(())
+}
+
+/// 256 MiB through the fabric, checked with SHA-256 at the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_256_mib_with_checksum() -> Result<()> {
+    use sha2::{Digest, Sha256};
+    const TOTAL: usize = 256 << 20;
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let taddr = target.local_addr()?;
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = target.accept().await {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut n = 0usize;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => {
+                        h.update(&buf[..k]);
+                        n += k;
+                    }
+                }
+            }
+            let mut out = n.to_be_bytes().to_vec();
+            out.extend_from_slice(&h.finalize());
+            let _ = s.write_all(&out).await;
+        }
+    });
+    let pair = Pair::start_with_target(Options::default(), taddr).await?;
+    let mut c = TcpStream::connect(pair.import).await?;
+    let mut h = Sha256::new();
+    let mut block = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let send = async {
+        for _ in 0..(TOTAL >> 20) {
+            for chunk in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+            }
+            h.update(&block);
+            c.write_all(&block).await?;
+        }
+        c.shutdown().await?;
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).await?;
+        Ok::<_, anyhow::Error>(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(120), send).await??;
+    ensure!(answer.len() == 8 + 32, "short answer {answer:?}");
+    let n = usize::from_be_bytes(answer[..8].try_into()?);
+    ensure!(n == TOTAL, "target got {n} bytes of {TOTAL}");
+    ensure!(answer[8..] == h.finalize()[..], "checksum mismatch");
+    Ok(())
+}
+
+/// 200 connections open at once through one pooled tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections() -> Result<()> {
+    let pair = Pair::start(Options::default()).await?;
+    let mut conns = Vec::new();
+    for i in 0..200u32 {
+        let mut c = TcpStream::connect(pair.import).await?;
+        c.write_all(&i.to_be_bytes()).await?;
+        conns.push(c);
+    }
+    let mut tasks = Vec::new();
+    for (i, mut c) in conns.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut b = [0u8; 4];
+            c.read_exact(&mut b).await?;
+            ensure!(
+                u32::from_be_bytes(b) == i as u32,
+                "connection {i} got another's bytes"
+            );
+            Ok::<_, anyhow::Error>(c)
+        }));
+    }
+    let mut open = Vec::new();
+    for t in tasks {
+        open.push(tokio::time::timeout(T, t).await???);
+    }
+    let b = pair.b().admin_addr;
+    eventually("200 active inbound connections on B", T, || async move {
+        let m = http_get(b, "/metrics").await.ok()?.1;
+        (metric(
+            &m,
+            "clusterlink_connections_active",
+            &["direction=\"inbound\""],
+        ) == 200.0)
+            .then_some(())
+    })
+    .await?;
+    for (i, c) in open.iter_mut().enumerate() {
+        c.write_all(format!("bye {i}").as_bytes()).await?;
+        c.shutdown().await?;
+    }
+    for (i, mut c) in open.into_iter().enumerate() {
+        let mut rest = Vec::new();
+        tokio::time::timeout(T, c.read_to_end(&mut rest)).await??;
+        ensure!(rest == format!("bye {i}").as_bytes());
+    }
+    let m = metrics_of(pair.a()).await?;
+    ensure!(
+        metric(
+            &m,
+            "clusterlink_tunnel_handshakes_total",
+            &["side=\"client\""]
+        ) <= 2.0,
+        "pooling expected:\n{m}"
+    );
+    Ok(())
+}
