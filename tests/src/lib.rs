@@ -727,11 +727,27 @@ pub fn connect_head(token: Option<&str>) -> String {
     }
 }
 
-/// True if the peer closed or reset the connection (reading yields no data).
+/// Reads until the peer closes or resets the connection; `None` if it is still open
+/// after `within`. Returns what was read before the end.
+pub async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    within: Duration,
+) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    let read = async {
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&b[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.ok()?;
+    Some(got)
+}
+
+/// True if the peer closes or resets the connection within `within`.
 pub async fn closed_by_peer<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
-    let mut b = [0u8; 64];
-    matches!(
-        tokio::time::timeout(within, s.read(&mut b)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
+    read_until_closed(s, within).await.is_some()
 }

@@ -1,0 +1,143 @@
+//! Interoperability and bad input on the gateway port: curl as an independent
+//! HTTPS-proxy client tunnels over HTTP/1.1 CONNECT (as ClusterLink's Go and Envoy data
+//! planes do); garbage, stalls and oversized heads close only their own connection.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _, Result};
+use tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A one-shot HTTP/1.1 server: answers every request with "hello from the export".
+async fn http_target() -> Result<std::net::SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = "hello from the export";
+                let _ = s
+                    .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Runs curl as an HTTPS proxy client: mTLS to B's gateway with A's certificate, then
+/// HTTP/1.1 CONNECT with the bearer token, then a GET through the tunnel.
+async fn curl(pair: &Pair, dir: &std::path::Path, token: &str) -> Result<std::process::Output> {
+    let cert = pair.fabric.issue(PEER_A)?;
+    let files = PeerFiles::write(dir, &pair.fabric.ca_pem, &cert)?;
+    let port = pair.b().gateway_addr.port();
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "--proxytunnel"])
+        .args(["--proxy", &format!("https://{PEER_B}:{port}")])
+        .args(["--resolve", &format!("{PEER_B}:{port}:127.0.0.1")])
+        .arg("--proxy-cacert")
+        .arg(&files.ca)
+        .arg("--proxy-cert")
+        .arg(&files.cert)
+        .arg("--proxy-key")
+        .arg(&files.key)
+        .args(["--proxy-header", &format!("Authorization: Bearer {token}")])
+        .arg("http://echo.default.invalid/");
+    tokio::task::spawn_blocking(move || cmd.output())
+        .await?
+        .context("running curl (install it: apt-get install -y curl)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_tunnels_through_http1_connect() -> Result<()> {
+    let target = http_target().await?;
+    let pair = Pair::start_with_target(Options::default(), target).await?;
+    let dir = TempDir::new("cl-curl")?;
+    let out = curl(&pair, dir.path(), &token_for(PEER_A, 60, 1)).await?;
+    ensure!(
+        out.status.success(),
+        "curl failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stdout) == "hello from the export", "{:?}", out.stdout);
+    // A token issued to another peer: curl reports the gateway's 403.
+    let out = curl(&pair, dir.path(), &token_for("peer-c", 60, 1)).await?;
+    ensure!(!out.status.success(), "foreign token accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("403"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_tls_port_closes_only_that_connection() -> Result<()> {
+    let pair = Pair::start(Options::default()).await?;
+    let mut g = TcpStream::connect(pair.b().gateway_addr).await?;
+    g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01garbage").await?;
+    ensure!(closed_by_peer(&mut g, T).await, "plaintext not refused");
+    ensure!(echo_round_trip(pair.import, b"ok").await? == b"ok", "other traffic disturbed");
+    let m = metrics_of(pair.b()).await?;
+    ensure!(metric(&m, "clusterlink_gateway_rejected_total", &["reason=\"tls_handshake\""]) >= 1.0, "{m}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshake_and_stalled_head_time_out() -> Result<()> {
+    let pair = Pair::start(Options::default()).await?;
+    // Says nothing at all (the test gateways use a 2 s handshake timeout).
+    let mut silent = TcpStream::connect(pair.b().gateway_addr).await?;
+    ensure!(closed_by_peer(&mut silent, Duration::from_secs(10)).await, "silent client kept");
+    // Finishes TLS, then sends half a request head.
+    let cert = pair.fabric.issue(PEER_A)?;
+    let mut s = tls_connect(pair.b().gateway_addr, &pair.fabric.ca_pem, &cert, PEER_B, &[b"http/1.1"]).await?;
+    s.write_all(b"CONNECT peer-b:443 HTTP/1.1\r\nHost: pe").await?;
+    ensure!(closed_by_peer(&mut s, Duration::from_secs(10)).await, "stalled head kept");
+    let m = metrics_of(pair.b()).await?;
+    ensure!(metric(&m, "clusterlink_gateway_rejected_total", &["reason=\"handshake_timeout\""]) >= 1.0, "{m}");
+    ensure!(echo_round_trip(pair.import, b"ok").await? == b"ok");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_head_is_refused() -> Result<()> {
+    let pair = Pair::start(Options::default()).await?;
+    let cert = pair.fabric.issue(PEER_A)?;
+    let mut s = tls_connect(pair.b().gateway_addr, &pair.fabric.ca_pem, &cert, PEER_B, &[b"http/1.1"]).await?;
+    let big = "x".repeat(64 * 1024);
+    let head = format!("CONNECT peer-b:443 HTTP/1.1\r\nHost: peer-b\r\nX-Big: {big}\r\n\r\n");
+    match h1_request(&mut s, &head).await {
+        Ok((status, _)) => ensure!(status == 431, "got {status}"),
+        Err(_) => ensure!(closed_by_peer(&mut s, T).await),
+    }
+    // Over h2 too: the stream or connection is refused, the gateway carries on.
+    ensure!(echo_round_trip(pair.import, b"ok").await? == b"ok");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_requests_reach_the_control_plane_with_the_mtls_identity() -> Result<()> {
+    let pair = Pair::start(Options::default()).await?;
+    let cert = pair.fabric.issue(PEER_A)?;
+    let mut s = tls_connect(pair.b().gateway_addr, &pair.fabric.ca_pem, &cert, PEER_B, &[b"http/1.1"]).await?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: peer-b\r\n\r\n").await?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(T, s.read(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    ensure!(text.starts_with("http/1.1 200"), "{text}");
+    ensure!(text.contains("clusterlinkpeerlabels: bnvsba=="), "{text}");
+    ensure!(text.contains("x-test-peer-identity: peer-a"), "{text}");
+    ensure!(text.contains("clusterlink-tunnel-protocols: h2, http/1.1"), "{text}");
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Gateway lifecycle: certificate rotation under live tunnels, operation on the last
+//! snapshot while the control plane is away, and the drain.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _, Result};
+use tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn ping(c: &mut TcpStream, msg: &[u8]) -> Result<()> {
+    c.write_all(msg).await?;
+    let mut b = vec![0u8; msg.len()];
+    tokio::time::timeout(T, c.read_exact(&mut b)).await.context("no echo")??;
+    ensure!(b == msg, "echo mismatch");
+    Ok(())
+}
+
+async fn generation(admin: SocketAddr) -> Option<u64> {
+    let body = http_get(admin, "/config_dump").await.ok()?.1;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["certificate_generation"].as_u64()
+}
+
+fn served_serial(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Option<Vec<u8>> {
+    let der = tls.get_ref().1.peer_certificates()?.first()?.clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.raw_serial().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_live_streams_and_new_tunnels_use_the_new_certificate() -> Result<()> {
+    let pair = Pair::start(Options::default()).await?;
+    let mut live = TcpStream::connect(pair.import).await?;
+    ping(&mut live, b"before").await?;
+
+    // Rotate B (server side): new key, new serial, same name.
+    let new_b = pair.fabric.issue(PEER_B)?;
+    pair.files_b.replace(&pair.fabric.ca_pem, &new_b)?;
+    let admin_b = pair.b().admin_addr;
+    eventually("B reloads", T, || async move { (generation(admin_b).await? == 2).then_some(()) }).await?;
+    let cert_a = pair.fabric.issue(PEER_A)?;
+    let tls = tls_connect(pair.b().gateway_addr, &pair.fabric.ca_pem, &cert_a, PEER_B, &[]).await?;
+    let want: Vec<u8> = {
+        let mut s = new_b.serial.to_be_bytes().to_vec();
+        while s.len() > 1 && s[0] == 0 {
+            s.remove(0);
+        }
+        s
+    };
+    ensure!(served_serial(&tls) == Some(want), "B still serves the old certificate");
+    ping(&mut live, b"after B rotated").await?;
+
+    // Rotate A (client side): the live stream stays on its tunnel, a new connection
+    // gets a new tunnel made with the new certificate.
+    pair.files_a.replace(&pair.fabric.ca_pem, &pair.fabric.issue(PEER_A)?)?;
+    let admin_a = pair.a().admin_addr;
+    eventually("A reloads", T, || async move { (generation(admin_a).await? == 2).then_some(()) }).await?;
+    let back = echo_round_trip(pair.import, b"new connection").await?;
+    ensure!(back == b"new connection");
+    let m = metrics_of(pair.a()).await?;
+    ensure!(
+        metric(&m, "clusterlink_tunnel_handshakes_total", &["side=\"client\"", "result=\"ok\""]) == 2.0,
+        "a second tunnel (new certificate) expected:\n{m}"
+    );
+    ping(&mut live, b"after A rotated").await?;
+
+    // A broken file is reported and changes nothing.
+    std::fs::write(&pair.files_a.cert, "not a certificate")?;
+    eventually("A reports the bad file", T, || async move {
+        let m = http_get(admin_a, "/metrics").await.ok()?.1;
+        (metric(&m, "clusterlink_certificate_reloads_total", &["result=\"error\""]) >= 1.0).then_some(())
+    })
+    .await?;
+    ensure!(generation(admin_a).await == Some(2));
+    ping(&mut live, b"after a bad file").await?;
+    ensure!(echo_round_trip(pair.import, b"still fine").await? == b"still fine");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_control_planes_existing_and_new_connections_still_work() -> Result<()> {
+    let mut pair = Pair::start(Options::default()).await?;
+    let mut live = TcpStream::connect(pair.import).await?;
+    ping(&mut live, b"before").await?;
+    pair.cp_a.stop();
+    pair.cp_b.stop();
+    for admin in [pair.a().admin_addr, pair.b().admin_addr] {
+        eventually("the stream down in the metrics", T, || async move {
+            let m = http_get(admin, "/metrics").await.ok()?.1;
+            (metric(&m, "clusterlink_controlplane_connected", &[]) == 0.0).then_some(())
+        })
+        .await?;
+    }
+    ping(&mut live, b"control planes gone").await?;
+    let back = echo_round_trip(pair.import, b"new connection").await?;
+    ensure!(back == b"new connection", "new connection failed on the last snapshot");
+    // Still ready: the last snapshot is in force.
+    ensure!(http_get(pair.a().admin_addr, "/ready").await?.0 == 200);
+
+    // The control plane comes back on the same address: the stream reconnects.
+    let snap = importer_snapshot(pair.b().gateway_addr);
+    let cp = FakeControlPlane::start_on(pair.cp_a.addr, snap)?;
+    cp.set_egress(allow_to_b());
+    let admin = pair.a().admin_addr;
+    eventually("A reconnects", T, || async move {
+        let m = http_get(admin, "/metrics").await.ok()?.1;
+        (metric(&m, "clusterlink_controlplane_connected", &[]) == 1.0).then_some(())
+    })
+    .await?;
+    ensure!(echo_round_trip(pair.import, b"back").await? == b"back");
+    ensure!(cp.egress_calls() >= 1, "the new control plane was not asked");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_a_stream_in_flight_finish() -> Result<()> {
+    let mut pair = Pair::start(Options::default()).await?;
+    let mut live = TcpStream::connect(pair.import).await?;
+    ping(&mut live, b"before").await?;
+    let b = pair.b.take().context("B")?;
+    let (gateway, admin) = (b.gateway_addr, b.admin_addr);
+    let drain = tokio::spawn(b.shutdown(Duration::from_secs(15)));
+    eventually("B not ready", T, || async move {
+        (http_get(admin, "/ready").await.ok()?.0 == 503).then_some(())
+    })
+    .await?;
+    eventually("B stops accepting", T, || async move {
+        TcpStream::connect(gateway).await.is_err().then_some(())
+    })
+    .await?;
+    ping(&mut live, b"during the drain").await?;
+    ensure!(!drain.is_finished(), "drain ended with a stream in flight");
+    live.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, live.read_to_end(&mut rest)).await??;
+    // Well before the 15 s deadline, once the stream ended.
+    tokio::time::timeout(Duration::from_secs(5), drain).await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_closes_what_is_left() -> Result<()> {
+    let mut pair = Pair::start(Options::default()).await?;
+    let mut live = TcpStream::connect(pair.import).await?;
+    ping(&mut live, b"before").await?;
+    let b = pair.b.take().context("B")?;
+    tokio::time::timeout(T, b.shutdown(Duration::from_millis(300))).await?;
+    ensure!(closed_by_peer(&mut live, T).await, "stream not closed after the drain deadline");
+    Ok(())
+}
