@@ -64,7 +64,7 @@ pub enum Tunnel {
         recv: RecvStream,
         lease: StreamLease,
     },
-    H1(Rewind<TlsStream<TcpStream>>),
+    H1(Box<Rewind<TlsStream<TcpStream>>>),
 }
 
 /// Counts a stream against its pooled connection until dropped.
@@ -483,10 +483,10 @@ async fn connect_h1(
         .map_err(|_| gerr("no answer to CONNECT".into()))??;
     if status == 200 {
         buf.advance(len);
-        return Ok(Tunnel::H1(Rewind {
+        return Ok(Tunnel::H1(Box::new(Rewind {
             pre: buf.freeze(),
             inner: tls,
-        }));
+        })));
     }
     let body = String::from_utf8_lossy(&buf[len..buf.len().min(len + 1024)]).into_owned();
     Err(Error::Refused {

@@ -626,8 +626,7 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
-            l.split(|c| c == '{' || c == ' ').next() == Some(name)
-                && labels.iter().all(|want| l.contains(want))
+            l.split(['{', ' ']).next() == Some(name) && labels.iter().all(|want| l.contains(want))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

@@ -72,7 +72,11 @@ async fn curl_tunnels_through_http1_connect() -> Result<()> {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    ensure!(String::from_utf8_lossy(&out.stdout) == "hello from the export", "{:?}", out.stdout);
+    ensure!(
+        String::from_utf8_lossy(&out.stdout) == "hello from the export",
+        "{:?}",
+        out.stdout
+    );
     // A token issued to another peer: curl reports the gateway's 403.
     let out = curl(&pair, dir.path(), &token_for("peer-c", 60, 1)).await?;
     ensure!(!out.status.success(), "foreign token accepted");
@@ -85,11 +89,22 @@ async fn curl_tunnels_through_http1_connect() -> Result<()> {
 async fn garbage_on_the_tls_port_closes_only_that_connection() -> Result<()> {
     let pair = Pair::start(Options::default()).await?;
     let mut g = TcpStream::connect(pair.b().gateway_addr).await?;
-    g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01garbage").await?;
+    g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01garbage")
+        .await?;
     ensure!(closed_by_peer(&mut g, T).await, "plaintext not refused");
-    ensure!(echo_round_trip(pair.import, b"ok").await? == b"ok", "other traffic disturbed");
+    ensure!(
+        echo_round_trip(pair.import, b"ok").await? == b"ok",
+        "other traffic disturbed"
+    );
     let m = metrics_of(pair.b()).await?;
-    ensure!(metric(&m, "clusterlink_gateway_rejected_total", &["reason=\"tls_handshake\""]) >= 1.0, "{m}");
+    ensure!(
+        metric(
+            &m,
+            "clusterlink_gateway_rejected_total",
+            &["reason=\"tls_handshake\""]
+        ) >= 1.0,
+        "{m}"
+    );
     Ok(())
 }
 
@@ -98,14 +113,35 @@ async fn stalled_handshake_and_stalled_head_time_out() -> Result<()> {
     let pair = Pair::start(Options::default()).await?;
     // Says nothing at all (the test gateways use a 2 s handshake timeout).
     let mut silent = TcpStream::connect(pair.b().gateway_addr).await?;
-    ensure!(closed_by_peer(&mut silent, Duration::from_secs(10)).await, "silent client kept");
+    ensure!(
+        closed_by_peer(&mut silent, Duration::from_secs(10)).await,
+        "silent client kept"
+    );
     // Finishes TLS, then sends half a request head.
     let cert = pair.fabric.issue(PEER_A)?;
-    let mut s = tls_connect(pair.b().gateway_addr, &pair.fabric.ca_pem, &cert, PEER_B, &[b"http/1.1"]).await?;
-    s.write_all(b"CONNECT peer-b:443 HTTP/1.1\r\nHost: pe").await?;
-    ensure!(closed_by_peer(&mut s, Duration::from_secs(10)).await, "stalled head kept");
+    let mut s = tls_connect(
+        pair.b().gateway_addr,
+        &pair.fabric.ca_pem,
+        &cert,
+        PEER_B,
+        &[b"http/1.1"],
+    )
+    .await?;
+    s.write_all(b"CONNECT peer-b:443 HTTP/1.1\r\nHost: pe")
+        .await?;
+    ensure!(
+        closed_by_peer(&mut s, Duration::from_secs(10)).await,
+        "stalled head kept"
+    );
     let m = metrics_of(pair.b()).await?;
-    ensure!(metric(&m, "clusterlink_gateway_rejected_total", &["reason=\"handshake_timeout\""]) >= 1.0, "{m}");
+    ensure!(
+        metric(
+            &m,
+            "clusterlink_gateway_rejected_total",
+            &["reason=\"handshake_timeout\""]
+        ) >= 1.0,
+        "{m}"
+    );
     ensure!(echo_round_trip(pair.import, b"ok").await? == b"ok");
     Ok(())
 }
@@ -114,7 +150,14 @@ async fn stalled_handshake_and_stalled_head_time_out() -> Result<()> {
 async fn oversized_request_head_is_refused() -> Result<()> {
     let pair = Pair::start(Options::default()).await?;
     let cert = pair.fabric.issue(PEER_A)?;
-    let mut s = tls_connect(pair.b().gateway_addr, &pair.fabric.ca_pem, &cert, PEER_B, &[b"http/1.1"]).await?;
+    let mut s = tls_connect(
+        pair.b().gateway_addr,
+        &pair.fabric.ca_pem,
+        &cert,
+        PEER_B,
+        &[b"http/1.1"],
+    )
+    .await?;
     let big = "x".repeat(64 * 1024);
     let head = format!("CONNECT peer-b:443 HTTP/1.1\r\nHost: peer-b\r\nX-Big: {big}\r\n\r\n");
     match h1_request(&mut s, &head).await {
@@ -130,14 +173,25 @@ async fn oversized_request_head_is_refused() -> Result<()> {
 async fn peer_requests_reach_the_control_plane_with_the_mtls_identity() -> Result<()> {
     let pair = Pair::start(Options::default()).await?;
     let cert = pair.fabric.issue(PEER_A)?;
-    let mut s = tls_connect(pair.b().gateway_addr, &pair.fabric.ca_pem, &cert, PEER_B, &[b"http/1.1"]).await?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: peer-b\r\n\r\n").await?;
+    let mut s = tls_connect(
+        pair.b().gateway_addr,
+        &pair.fabric.ca_pem,
+        &cert,
+        PEER_B,
+        &[b"http/1.1"],
+    )
+    .await?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: peer-b\r\n\r\n")
+        .await?;
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(T, s.read(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf[..n]).to_lowercase();
     ensure!(text.starts_with("http/1.1 200"), "{text}");
     ensure!(text.contains("clusterlinkpeerlabels: bnvsba=="), "{text}");
     ensure!(text.contains("x-test-peer-identity: peer-a"), "{text}");
-    ensure!(text.contains("clusterlink-tunnel-protocols: h2, http/1.1"), "{text}");
+    ensure!(
+        text.contains("clusterlink-tunnel-protocols: h2, http/1.1"),
+        "{text}"
+    );
     Ok(())
 }

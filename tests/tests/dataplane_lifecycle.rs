@@ -14,7 +14,9 @@ const T: Duration = Duration::from_secs(20);
 async fn ping(c: &mut TcpStream, msg: &[u8]) -> Result<()> {
     c.write_all(msg).await?;
     let mut b = vec![0u8; msg.len()];
-    tokio::time::timeout(T, c.read_exact(&mut b)).await.context("no echo")??;
+    tokio::time::timeout(T, c.read_exact(&mut b))
+        .await
+        .context("no echo")??;
     ensure!(b == msg, "echo mismatch");
     Ok(())
 }
@@ -41,9 +43,19 @@ async fn rotation_keeps_live_streams_and_new_tunnels_use_the_new_certificate() -
     let new_b = pair.fabric.issue(PEER_B)?;
     pair.files_b.replace(&pair.fabric.ca_pem, &new_b)?;
     let admin_b = pair.b().admin_addr;
-    eventually("B reloads", T, || async move { (generation(admin_b).await? == 2).then_some(()) }).await?;
+    eventually("B reloads", T, || async move {
+        (generation(admin_b).await? == 2).then_some(())
+    })
+    .await?;
     let cert_a = pair.fabric.issue(PEER_A)?;
-    let tls = tls_connect(pair.b().gateway_addr, &pair.fabric.ca_pem, &cert_a, PEER_B, &[]).await?;
+    let tls = tls_connect(
+        pair.b().gateway_addr,
+        &pair.fabric.ca_pem,
+        &cert_a,
+        PEER_B,
+        &[],
+    )
+    .await?;
     let want: Vec<u8> = {
         let mut s = new_b.serial.to_be_bytes().to_vec();
         while s.len() > 1 && s[0] == 0 {
@@ -51,19 +63,30 @@ async fn rotation_keeps_live_streams_and_new_tunnels_use_the_new_certificate() -
         }
         s
     };
-    ensure!(served_serial(&tls) == Some(want), "B still serves the old certificate");
+    ensure!(
+        served_serial(&tls) == Some(want),
+        "B still serves the old certificate"
+    );
     ping(&mut live, b"after B rotated").await?;
 
     // Rotate A (client side): the live stream stays on its tunnel, a new connection
     // gets a new tunnel made with the new certificate.
-    pair.files_a.replace(&pair.fabric.ca_pem, &pair.fabric.issue(PEER_A)?)?;
+    pair.files_a
+        .replace(&pair.fabric.ca_pem, &pair.fabric.issue(PEER_A)?)?;
     let admin_a = pair.a().admin_addr;
-    eventually("A reloads", T, || async move { (generation(admin_a).await? == 2).then_some(()) }).await?;
+    eventually("A reloads", T, || async move {
+        (generation(admin_a).await? == 2).then_some(())
+    })
+    .await?;
     let back = echo_round_trip(pair.import, b"new connection").await?;
     ensure!(back == b"new connection");
     let m = metrics_of(pair.a()).await?;
     ensure!(
-        metric(&m, "clusterlink_tunnel_handshakes_total", &["side=\"client\"", "result=\"ok\""]) == 2.0,
+        metric(
+            &m,
+            "clusterlink_tunnel_handshakes_total",
+            &["side=\"client\"", "result=\"ok\""]
+        ) == 2.0,
         "a second tunnel (new certificate) expected:\n{m}"
     );
     ping(&mut live, b"after A rotated").await?;
@@ -72,7 +95,12 @@ async fn rotation_keeps_live_streams_and_new_tunnels_use_the_new_certificate() -
     std::fs::write(&pair.files_a.cert, "not a certificate")?;
     eventually("A reports the bad file", T, || async move {
         let m = http_get(admin_a, "/metrics").await.ok()?.1;
-        (metric(&m, "clusterlink_certificate_reloads_total", &["result=\"error\""]) >= 1.0).then_some(())
+        (metric(
+            &m,
+            "clusterlink_certificate_reloads_total",
+            &["result=\"error\""],
+        ) >= 1.0)
+            .then_some(())
     })
     .await?;
     ensure!(generation(admin_a).await == Some(2));
@@ -97,7 +125,10 @@ async fn stopped_control_planes_existing_and_new_connections_still_work() -> Res
     }
     ping(&mut live, b"control planes gone").await?;
     let back = echo_round_trip(pair.import, b"new connection").await?;
-    ensure!(back == b"new connection", "new connection failed on the last snapshot");
+    ensure!(
+        back == b"new connection",
+        "new connection failed on the last snapshot"
+    );
     // Still ready: the last snapshot is in force.
     ensure!(http_get(pair.a().admin_addr, "/ready").await?.0 == 200);
 
@@ -112,7 +143,10 @@ async fn stopped_control_planes_existing_and_new_connections_still_work() -> Res
     })
     .await?;
     ensure!(echo_round_trip(pair.import, b"back").await? == b"back");
-    ensure!(cp.egress_calls() >= 1, "the new control plane was not asked");
+    ensure!(
+        cp.egress_calls() >= 1,
+        "the new control plane was not asked"
+    );
     Ok(())
 }
 
@@ -149,6 +183,9 @@ async fn drain_timeout_closes_what_is_left() -> Result<()> {
     ping(&mut live, b"before").await?;
     let b = pair.b.take().context("B")?;
     tokio::time::timeout(T, b.shutdown(Duration::from_millis(300))).await?;
-    ensure!(closed_by_peer(&mut live, T).await, "stream not closed after the drain deadline");
+    ensure!(
+        closed_by_peer(&mut live, T).await,
+        "stream not closed after the drain deadline"
+    );
     Ok(())
 }
