@@ -1026,4 +1026,40 @@ mod tests {
         })
         .await?
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn h2_remote_reset_after_remote_end() -> anyhow::Result<()> {
+        timeout(TIMEOUT, async {
+            let c = counters()?;
+            let (mut peer, tcp) = tcp_pair().await?;
+            let mut s = h2_stream(None).await?;
+            let splice = spawn_h2(tcp, s.send, s.recv, &c);
+
+            // Only the up direction is left, and it is idle: the reset must still be seen.
+            far_send(&mut s.far_send, Bytes::from_static(b"done"), true).await?;
+            let (got, _) = read_to_end_max(&mut peer).await?;
+            assert_eq!(got, b"done");
+            assert!(!splice.is_finished(), "splice ended on a half-close");
+
+            s.far_send.send_reset(h2::Reason::CANCEL);
+            assert_eq!(splice.await?, End::RemoteReset);
+            // The local peer already read FIN, so the RST shows up on its writes.
+            let err = loop {
+                if let Err(e) = peer.write_all(b"x").await {
+                    break e;
+                }
+            };
+            assert!(
+                matches!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                ),
+                "unexpected error {err}"
+            );
+            assert_eq!(c.up.get(), 0);
+            assert_eq!(c.down.get(), 4);
+            Ok(())
+        })
+        .await?
+    }
 }
