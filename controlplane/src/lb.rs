@@ -303,7 +303,10 @@ mod tests {
         connections(&counters, LbScheme::Static, &[0], 5)?;
         connections(&counters, LbScheme::Random, &[0], 5)?;
         // Switching the import to round-robin still starts at index 1.
-        assert_eq!(connections(&counters, LbScheme::RoundRobin, &[], 2)?, [1, 2]);
+        assert_eq!(
+            connections(&counters, LbScheme::RoundRobin, &[], 2)?,
+            [1, 2]
+        );
         Ok(())
     }
 
@@ -336,9 +339,18 @@ mod tests {
         // 7.2 TestLoadBalancingStatic: "30 accesses ⇒ all cl0; delete cl0 export ⇒
         // all cl1; delete cl1 export ⇒ all cl2."
         let counters = Counters::new();
-        assert_eq!(connections(&counters, LbScheme::Static, &[], 30)?, vec![0; 30]);
-        assert_eq!(connections(&counters, LbScheme::Static, &[0], 30)?, vec![1; 30]);
-        assert_eq!(connections(&counters, LbScheme::Static, &[0, 1], 30)?, vec![2; 30]);
+        assert_eq!(
+            connections(&counters, LbScheme::Static, &[], 30)?,
+            vec![0; 30]
+        );
+        assert_eq!(
+            connections(&counters, LbScheme::Static, &[0], 30)?,
+            vec![1; 30]
+        );
+        assert_eq!(
+            connections(&counters, LbScheme::Static, &[0, 1], 30)?,
+            vec![2; 30]
+        );
         Ok(())
     }
 

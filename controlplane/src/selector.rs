@@ -68,7 +68,9 @@ impl LabelSelector {
         for (key, value) in &self.match_labels {
             check_key(key).map_err(|why| invalid(format!("matchLabels: key {key:?}: {why}")))?;
             check_value(value).map_err(|why| {
-                invalid(format!("matchLabels: value {value:?} of key {key:?}: {why}"))
+                invalid(format!(
+                    "matchLabels: value {value:?} of key {key:?}: {why}"
+                ))
             })?;
         }
         for (i, req) in self.match_expressions.iter().enumerate() {
@@ -99,7 +101,9 @@ impl LabelSelector {
             }
             for (j, value) in req.values.iter().enumerate() {
                 check_value(value).map_err(|why| {
-                    invalid(format!("{at}.values[{j}]: value {value:?} of key {key:?}: {why}"))
+                    invalid(format!(
+                        "{at}.values[{j}]: value {value:?} of key {key:?}: {why}"
+                    ))
                 })?;
             }
         }
@@ -110,7 +114,9 @@ impl LabelSelector {
     /// expression holds (`NotIn` and `DoesNotExist` hold when the key is absent).
     /// Meant for validated selectors; an unknown operator matches nothing.
     pub fn matches(&self, attrs: &Attrs) -> bool {
-        self.match_labels.iter().all(|(k, v)| attrs.get(k) == Some(v))
+        self.match_labels
+            .iter()
+            .all(|(k, v)| attrs.get(k) == Some(v))
             && self.match_expressions.iter().all(|r| r.matches(attrs))
     }
 }
@@ -141,42 +147,49 @@ const MAX_PREFIX_LEN: usize = 253;
 /// the name 1-63 characters of `[A-Za-z0-9-_.]` starting and ending alphanumeric.
 fn check_key(key: &str) -> Result<(), String> {
     let mut parts = key.split('/');
-    let (prefix, name) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(name), None, _) => (None, name),
-        (Some(prefix), Some(name), None) => (Some(prefix), name),
-        _ => {
-            return Err(
+    let (prefix, name) =
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(name), None, _) => (None, name),
+            (Some(prefix), Some(name), None) => (Some(prefix), name),
+            _ => return Err(
                 "a qualified name must be an optional DNS subdomain prefix and '/' followed by \
                  a name (e.g. 'example.com/MyName'); only one '/' is allowed"
                     .into(),
-            )
-        }
-    };
+            ),
+        };
     if let Some(prefix) = prefix {
         if prefix.is_empty() {
             return Err("prefix part must be non-empty".into());
         }
         if prefix.len() > MAX_PREFIX_LEN {
-            return Err(format!("prefix part must be no more than {MAX_PREFIX_LEN} characters"));
+            return Err(format!(
+                "prefix part must be no more than {MAX_PREFIX_LEN} characters"
+            ));
         }
         if !is_dns1123_subdomain(prefix) {
-            return Err("prefix part must be a lowercase RFC 1123 subdomain: lower case \
+            return Err(
+                "prefix part must be a lowercase RFC 1123 subdomain: lower case \
                         alphanumeric characters, '-' or '.', starting and ending with an \
                         alphanumeric character (e.g. 'example.com')"
-                .into());
+                    .into(),
+            );
         }
     }
     if name.is_empty() {
         return Err("name part must be non-empty".into());
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!("name part must be no more than {MAX_NAME_LEN} characters"));
+        return Err(format!(
+            "name part must be no more than {MAX_NAME_LEN} characters"
+        ));
     }
     if !is_label_token(name) {
-        return Err("name part must consist of alphanumeric characters, '-', '_' or '.', and \
+        return Err(
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and \
                     must start and end with an alphanumeric character (e.g. 'MyName', \
                     'my.name', '123-abc')"
-            .into());
+                .into(),
+        );
     }
     Ok(())
 }
@@ -188,10 +201,12 @@ fn check_value(value: &str) -> Result<(), String> {
         return Err(format!("must be no more than {MAX_NAME_LEN} characters"));
     }
     if !value.is_empty() && !is_label_token(value) {
-        return Err("a valid label value must be an empty string or consist of alphanumeric \
+        return Err(
+            "a valid label value must be an empty string or consist of alphanumeric \
                     characters, '-', '_' or '.', and must start and end with an alphanumeric \
                     character (e.g. 'MyValue', 'my_value', '12345')"
-            .into());
+                .into(),
+        );
     }
     Ok(())
 }
@@ -203,7 +218,8 @@ fn is_label_token(s: &str) -> bool {
         (Some(first), Some(last)) => {
             first.is_ascii_alphanumeric()
                 && last.is_ascii_alphanumeric()
-                && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
         }
         _ => false,
     }
@@ -232,7 +248,10 @@ mod tests {
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
     fn attrs(pairs: &[(&str, &str)]) -> Attrs {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     fn labels(pairs: &[(&str, &str)]) -> LabelSelector {
@@ -436,22 +455,46 @@ mod tests {
         for value in ["", "a", "A-b_c.d", "0", v63.as_str()] {
             assert_eq!(labels(&[("k", value)]).validate(), Ok(()), "{value:?}");
             assert_eq!(expr("k", "In", &[value]).validate(), Ok(()), "{value:?}");
-            assert_eq!(expr("k", "NotIn", &["ok", value]).validate(), Ok(()), "{value:?}");
+            assert_eq!(
+                expr("k", "NotIn", &["ok", value]).validate(),
+                Ok(()),
+                "{value:?}"
+            );
         }
         let v64 = "v".repeat(64);
-        for value in ["-a", "a-", ".", "_", "a b", "This val is bad!@#$%^", "a/b", v64.as_str()] {
+        for value in [
+            "-a",
+            "a-",
+            ".",
+            "_",
+            "a b",
+            "This val is bad!@#$%^",
+            "a/b",
+            v64.as_str(),
+        ] {
             let m = error_of(&labels(&[("k", value)]));
-            assert!(m.contains(&format!("value {value:?}")) && m.contains("key \"k\""), "{m}");
+            assert!(
+                m.contains(&format!("value {value:?}")) && m.contains("key \"k\""),
+                "{m}"
+            );
             let m = error_of(&expr("k", "In", &["ok", value]));
-            assert!(m.contains(&format!("value {value:?}")) && m.contains("values[1]"), "{m}");
+            assert!(
+                m.contains(&format!("value {value:?}")) && m.contains("values[1]"),
+                "{m}"
+            );
         }
     }
 
     #[test]
     fn operators_are_case_sensitive_and_closed() {
-        for op in ["in", "notin", "exists", "IN", "Gt", "Lt", "=", "==", "!=", ""] {
+        for op in [
+            "in", "notin", "exists", "IN", "Gt", "Lt", "=", "==", "!=", "",
+        ] {
             let m = error_of(&expr("k", op, &["v"]));
-            assert!(m.contains(&format!("{op:?} is not a valid label selector operator")), "{m}");
+            assert!(
+                m.contains(&format!("{op:?} is not a valid label selector operator")),
+                "{m}"
+            );
             let m = error_of(&expr("k", op, &[]));
             assert!(m.contains("not a valid label selector operator"), "{m}");
         }
@@ -461,7 +504,10 @@ mod tests {
     fn set_operators_need_values() {
         for op in ["In", "NotIn"] {
             let m = error_of(&expr("k", op, &[]));
-            assert!(m.contains("non-empty") && m.contains(op) && m.contains("\"k\""), "{m}");
+            assert!(
+                m.contains("non-empty") && m.contains(op) && m.contains("\"k\""),
+                "{m}"
+            );
         }
     }
 
@@ -469,7 +515,10 @@ mod tests {
     fn existence_operators_refuse_values() {
         for op in ["Exists", "DoesNotExist"] {
             let m = error_of(&expr("k", op, &["v"]));
-            assert!(m.contains("must be empty") && m.contains(op) && m.contains("\"k\""), "{m}");
+            assert!(
+                m.contains("must be empty") && m.contains(op) && m.contains("\"k\""),
+                "{m}"
+            );
         }
     }
 

@@ -224,10 +224,19 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error
 /// snapshot.
 pub async fn start(config: Config) -> Result<Running, Error> {
     let metrics = Arc::new(Metrics::new());
+    let m = metrics.clone();
     let tls = tls::watch_files(
         config.cert_paths(),
         Duration::from_millis(config.cert_reload_ms.max(10)),
-        metrics.clone(),
+        Box::new(move |r| match r {
+            Ok(material) => {
+                if material.generation > 1 {
+                    m.cert_reloads.with_label_values(&["ok"]).inc();
+                }
+                m.cert_not_after.set(material.not_after);
+            }
+            Err(_) => m.cert_reloads.with_label_values(&["error"]).inc(),
+        }),
     )?;
     let cp = ControlPlane::new(&config.controlplane)?;
     let gateway = bind("gateway port", config.gateway_addr).await?;

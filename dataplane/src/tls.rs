@@ -19,8 +19,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
-
 /// ALPN protocol ids offered on the gateway port, best first.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -318,16 +316,20 @@ fn stamp(paths: &CertPaths) -> Vec<Option<(SystemTime, u64)>> {
         .collect()
 }
 
+/// What a reload attempt reports: the new material, or why the files were refused.
+pub type OnReload = Box<dyn Fn(Result<&Material, &Error>) + Send + Sync>;
+
 /// Loads the certificates once and returns a watch channel that a background task
 /// keeps up to date when the files change. Live tunnels keep the material they were
-/// established with; only new handshakes see the new one.
+/// established with; only new handshakes see the new one. `on_reload` hears about
+/// the first load and every reload attempt (for metrics).
 pub fn watch_files(
     paths: CertPaths,
     interval: Duration,
-    metrics: Arc<Metrics>,
+    on_reload: OnReload,
 ) -> Result<watch::Receiver<Arc<Material>>, Error> {
     let first = Material::load(&paths, 1)?;
-    metrics.cert_not_after.set(first.not_after);
+    on_reload(Ok(&first));
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut last = stamp(&paths);
@@ -348,13 +350,12 @@ pub fn watch_files(
                 Ok(m) => {
                     generation += 1;
                     tracing::info!(identity = %m.identity, generation, "certificates reloaded");
-                    metrics.cert_reloads.with_label_values(&["ok"]).inc();
-                    metrics.cert_not_after.set(m.not_after);
+                    on_reload(Ok(&m));
                     tx.send_replace(Arc::new(m));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "certificate reload failed; keeping the loaded certificates");
-                    metrics.cert_reloads.with_label_values(&["error"]).inc();
+                    on_reload(Err(&e));
                 }
             }
         }

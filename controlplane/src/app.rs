@@ -1,0 +1,234 @@
+//! Wires the control plane: certificates (watched), the resource source, the state
+//! core, heartbeat monitors, the gRPC API and the admin port. Returns a `Running`
+//! handle with the real bound addresses so tests start the same app on port 0.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::authz::Authz;
+use crate::core::Core;
+use crate::heartbeat::Monitors;
+use crate::peerclient::PeerClient;
+use crate::server::{self, Metrics, Services};
+use crate::store::{DirSource, Source};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Tls(#[from] dataplane::tls::Error),
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--peer-label {0:?}: expected key=value")]
+    Label(String),
+}
+
+/// cl-controlplane's flags; each has a `CL_` environment fallback.
+#[derive(Debug, Clone, clap::Parser, serde::Serialize)]
+#[command(name = "cl-controlplane", version, about = "ClusterLink control plane")]
+pub struct Config {
+    /// gRPC address the data planes connect to.
+    #[arg(long, env = "CL_GRPC_ADDR", default_value = "127.0.0.1:4444")]
+    pub grpc_addr: SocketAddr,
+    /// Admin address: /metrics, /ready, /api/... (resources with status).
+    #[arg(long, env = "CL_CP_ADMIN_ADDR", default_value = "127.0.0.1:4446")]
+    pub admin_addr: SocketAddr,
+    /// Directory of resource YAML files (the local platform's resource store).
+    #[arg(long, env = "CL_RESOURCES_DIR")]
+    pub resources_dir: PathBuf,
+    /// Fabric CA certificate (PEM).
+    #[arg(long, env = "CL_CA_FILE")]
+    pub ca_file: PathBuf,
+    /// This peer's certificate chain (PEM).
+    #[arg(long, env = "CL_CERT_FILE")]
+    pub cert_file: PathBuf,
+    /// This peer's private key (PEM).
+    #[arg(long, env = "CL_KEY_FILE")]
+    pub key_file: PathBuf,
+    /// File holding the access-token key (base64 of 32 bytes); created when missing,
+    /// regenerated when unreadable. Without it, a new key is made at every start.
+    #[arg(long, env = "CL_TOKEN_KEY_FILE")]
+    pub token_key_file: Option<PathBuf>,
+    /// Local peer label `key=value` (repeatable, or comma separated).
+    #[arg(long = "peer-label", env = "CL_PEER_LABELS", value_delimiter = ',')]
+    pub peer_labels: Vec<String>,
+    /// How often the resources directory is checked, in milliseconds.
+    #[arg(long, env = "CL_SCAN_INTERVAL_MS", default_value_t = 250)]
+    pub scan_interval_ms: u64,
+    /// Deadline of each call to a remote peer, in milliseconds.
+    #[arg(long, env = "CL_PEER_TIMEOUT_MS", default_value_t = 3000)]
+    pub peer_timeout_ms: u64,
+    /// Log level or filter.
+    #[arg(long, env = "CL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub services: Arc<Services>,
+    stop: watch::Sender<bool>,
+}
+
+impl Running {
+    pub fn shutdown(&self) {
+        self.services.ready.store(false, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+    }
+}
+
+fn parse_labels(raw: &[String]) -> Result<BTreeMap<String, String>, Error> {
+    raw.iter()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| Error::Label(l.clone()))
+        })
+        .collect()
+}
+
+/// The token key: read, or created (0600) when missing or unreadable.
+fn token_key(path: Option<&Path>) -> Result<Vec<u8>, Error> {
+    let fresh = || -> Vec<u8> { (0..32).map(|_| rand::random::<u8>()).collect() };
+    let Some(path) = path else {
+        return Ok(fresh());
+    };
+    if let Ok(text) = std::fs::read_to_string(path) {
+        match B64.decode(text.trim()) {
+            Ok(k) if k.len() == 32 => return Ok(k),
+            _ => tracing::warn!(file = %path.display(), "token key unreadable; making a new one"),
+        }
+    }
+    let key = fresh();
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(B64.encode(&key).as_bytes()).map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(key)
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
+}
+
+pub async fn start(config: Config) -> Result<Running, Error> {
+    let labels = parse_labels(&config.peer_labels)?;
+    std::fs::create_dir_all(&config.resources_dir).map_err(|source| Error::Io {
+        path: config.resources_dir.clone(),
+        source,
+    })?;
+    let tls = dataplane::tls::watch_files(
+        dataplane::tls::CertPaths {
+            ca: config.ca_file.clone(),
+            cert: config.cert_file.clone(),
+            key: config.key_file.clone(),
+        },
+        Duration::from_secs(1),
+        Box::new(|r| {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "peer certificates refused; keeping the loaded ones");
+            }
+        }),
+    )?;
+    let key = token_key(config.token_key_file.as_deref())?;
+    let core = Core::new(key, labels);
+    let client = PeerClient::new(
+        tls.clone(),
+        Duration::from_millis(config.peer_timeout_ms.max(1)),
+    );
+    let authz = Arc::new(Authz::new(core.clone(), client.clone()));
+    let grpc = bind("gRPC port", config.grpc_addr).await?;
+    let admin = bind("admin port", config.admin_addr).await?;
+    let grpc_addr = grpc.local_addr().unwrap_or(config.grpc_addr);
+    let admin_addr = admin.local_addr().unwrap_or(config.admin_addr);
+    tracing::info!(config = ?config, identity = %tls.borrow().identity, "starting cl-controlplane");
+
+    let services = Arc::new(Services {
+        core: core.clone(),
+        authz,
+        tls,
+        ready: AtomicBool::new(false),
+        metrics: Metrics::new(),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+
+    let source = DirSource::start(
+        config.resources_dir.clone(),
+        Duration::from_millis(config.scan_interval_ms.max(10)),
+    );
+    let mut desired = source.subscribe();
+    core.apply(desired.borrow_and_update().clone());
+    let mut monitors = Monitors::new(core.clone(), client);
+    monitors.reconcile();
+    {
+        let core = core.clone();
+        let mut stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let _source = source;
+            loop {
+                tokio::select! {
+                    c = desired.changed() => if c.is_err() { return },
+                    _ = dataplane::app::stopped(&mut stop_rx) => return,
+                }
+                let d = desired.borrow_and_update().clone();
+                core.apply(d);
+                monitors.reconcile();
+            }
+        });
+    }
+    {
+        let services = services.clone();
+        let stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server::serve_grpc(grpc, services, stop_rx).await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+    }
+    tokio::spawn(server::serve_admin(admin, services.clone(), stop_rx));
+    services.ready.store(true, Ordering::Relaxed);
+    Ok(Running {
+        grpc_addr,
+        admin_addr,
+        services,
+        stop,
+    })
+}

@@ -1,0 +1,402 @@
+//! The control plane's state: the desired resources in force, the policy decision
+//! point built from them, the status of every resource (peer reachability from the
+//! heartbeats, export validity, import port leases), the policy epoch that
+//! invalidates older access tokens, and the snapshot published to the data planes.
+//! Every change of resources or status republishes the snapshot at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+use controlplane_api::v1;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::pdp::Pdp;
+use crate::resources::{Key, Kind, Resource};
+use crate::store::{Desired, SourceError};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A Kubernetes-style condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub last_transition_time: String,
+}
+
+/// What the heartbeats found out about a remote peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerHealth {
+    /// None until the first decision (ClusterLink: no condition yet).
+    pub reachable: Option<bool>,
+    pub since: String,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub protocol: i32,
+}
+
+/// RFC 3339 UTC time, whole seconds, as Kubernetes writes `lastTransitionTime`.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[derive(Default)]
+struct Inner {
+    desired: Arc<Desired>,
+    pdp: Pdp,
+    /// Conditions of exports and imports, by key.
+    conditions: BTreeMap<Key, Vec<Condition>>,
+    /// Keys of valid exports and of imports with a valid port.
+    valid: std::collections::BTreeSet<Key>,
+}
+
+/// The shared state. Readers take short read locks; nothing is held across I/O.
+pub struct Core {
+    pub local_labels: BTreeMap<String, String>,
+    inner: RwLock<Inner>,
+    health: Mutex<HashMap<String, PeerHealth>>,
+    epoch: std::sync::atomic::AtomicU64,
+    token_key: Vec<u8>,
+    snapshot: watch::Sender<v1::Snapshot>,
+    version: std::sync::atomic::AtomicU64,
+    /// Bumped whenever a policy or a Peer changes: caches of tokens drop.
+    pub changes: watch::Sender<u64>,
+}
+
+impl Core {
+    pub fn new(token_key: Vec<u8>, local_labels: BTreeMap<String, String>) -> Arc<Self> {
+        Arc::new(Core {
+            local_labels,
+            inner: RwLock::new(Inner::default()),
+            health: Mutex::new(HashMap::new()),
+            epoch: std::sync::atomic::AtomicU64::new(1),
+            token_key,
+            snapshot: watch::channel(v1::Snapshot::default()).0,
+            version: std::sync::atomic::AtomicU64::new(0),
+            changes: watch::channel(0).0,
+        })
+    }
+
+    pub fn token_key(&self) -> &[u8] {
+        &self.token_key
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn subscribe_snapshots(&self) -> watch::Receiver<v1::Snapshot> {
+        self.snapshot.subscribe()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the resources in force.
+    pub fn with_desired<T>(&self, f: impl FnOnce(&Desired, &Pdp) -> T) -> T {
+        let inner = self.read();
+        f(&inner.desired, &inner.pdp)
+    }
+
+    pub fn is_valid(&self, key: &Key) -> bool {
+        self.read().valid.contains(key)
+    }
+
+    pub fn source_errors(&self) -> Vec<SourceError> {
+        self.read().desired.errors.clone()
+    }
+
+    pub fn health(&self, peer: &str) -> PeerHealth {
+        lock(&self.health).get(peer).cloned().unwrap_or_default()
+    }
+
+    /// Records a heartbeat decision; republishes if anything the data plane sees
+    /// changed.
+    pub fn set_health(&self, peer: &str, h: PeerHealth) {
+        let changed = {
+            let mut m = lock(&self.health);
+            let old = m.insert(peer.to_owned(), h.clone());
+            old.as_ref().map(|o| o.protocol) != Some(h.protocol)
+        };
+        if changed {
+            self.publish();
+        }
+    }
+
+    pub fn forget_health(&self, peer: &str) {
+        lock(&self.health).remove(peer);
+    }
+
+    /// Applies a new desired state as a whole.
+    pub fn apply(&self, desired: Arc<Desired>) {
+        let mut pdp = Pdp::new();
+        for (key, r) in &desired.resources {
+            let result = match r {
+                Resource::AccessPolicy(o) => pdp.set(&key.namespace, &key.name, &o.spec),
+                Resource::PrivilegedAccessPolicy(o) => pdp.set_privileged(&key.name, &o.spec),
+                _ => Ok(()),
+            };
+            if let Err(e) = result {
+                // Validated already; this only guards against a mismatch.
+                tracing::error!(%key, error = %e, "policy refused by the decision point");
+            }
+        }
+        let (mut conditions, valid) = conditions(&desired);
+        let policy_or_peer_changed = {
+            let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            // A condition that did not change keeps its lastTransitionTime.
+            for (key, conds) in conditions.iter_mut() {
+                if let Some(old) = inner.conditions.get(key) {
+                    for c in conds.iter_mut() {
+                        if let Some(o) = old.iter().find(|o| {
+                            o.type_ == c.type_ && o.status == c.status && o.message == c.message
+                        }) {
+                            c.last_transition_time = o.last_transition_time.clone();
+                        }
+                    }
+                }
+            }
+            let changed = relevant(&inner.desired) != relevant(&desired);
+            inner.desired = desired;
+            inner.pdp = pdp;
+            inner.conditions = conditions;
+            inner.valid = valid;
+            changed
+        };
+        if policy_or_peer_changed {
+            let epoch = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            tracing::info!(
+                epoch,
+                "policies or peers changed; older access tokens are void"
+            );
+            self.changes.send_modify(|n| *n += 1);
+        }
+        self.publish();
+    }
+
+    /// Builds and pushes the data-plane snapshot.
+    pub fn publish(&self) {
+        let health = lock(&self.health).clone();
+        let inner = self.read();
+        let mut s = v1::Snapshot {
+            version: self
+                .version
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1,
+            token_key: Some(v1::TokenKey {
+                key: self.token_key.clone(),
+                min_epoch: self.epoch(),
+            }),
+            ..Default::default()
+        };
+        for (key, r) in &inner.desired.resources {
+            match r {
+                Resource::Peer(o) => s.peers.push(v1::Peer {
+                    name: key.name.clone(),
+                    gateways: o
+                        .spec
+                        .gateways
+                        .iter()
+                        .map(|g| host_port(&g.host, g.port))
+                        .collect(),
+                    protocol: health.get(&key.name).map(|h| h.protocol).unwrap_or(0),
+                }),
+                Resource::Export(o) if inner.valid.contains(key) => s.exports.push(v1::Export {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    host: o.spec.host.clone(),
+                    port: o.spec.port.into(),
+                }),
+                Resource::Import(o) if inner.valid.contains(key) => s.imports.push(v1::Import {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    port: o.spec.listen_port().into(),
+                    sources: o
+                        .spec
+                        .sources
+                        .iter()
+                        .map(|src| v1::ImportSource {
+                            peer: src.peer.clone(),
+                            export_namespace: src.export_namespace.clone(),
+                            export_name: src.export_name.clone(),
+                        })
+                        .collect(),
+                }),
+                _ => {}
+            }
+        }
+        drop(inner);
+        self.snapshot.send_replace(s);
+    }
+
+    /// The resource in the Kubernetes object shape with its status.
+    pub fn object(&self, key: &Key) -> Option<serde_json::Value> {
+        let inner = self.read();
+        let r = inner.desired.resources.get(key)?;
+        let mut v = r.to_json();
+        match r {
+            Resource::Peer(_) => {
+                let h = self.health(&key.name);
+                let mut status = serde_json::Map::new();
+                if let Some(reachable) = h.reachable {
+                    status.insert(
+                        "conditions".into(),
+                        serde_json::json!([Condition {
+                            type_: "PeerReachable".into(),
+                            status: if reachable { "True" } else { "False" }.into(),
+                            reason: "Heartbeat".into(),
+                            message: String::new(),
+                            last_transition_time: h.since.clone(),
+                        }]),
+                    );
+                }
+                if let Some(labels) = h.labels {
+                    status.insert("labels".into(), serde_json::json!(labels));
+                }
+                v["status"] = status.into();
+            }
+            Resource::Export(_) | Resource::Import(_) => {
+                let conds = inner.conditions.get(key).cloned().unwrap_or_default();
+                v["status"] = serde_json::json!({ "conditions": conds });
+            }
+            _ => {}
+        }
+        Some(v)
+    }
+
+    /// Every resource of a kind, in key order.
+    pub fn list(&self, kind: Kind) -> Vec<serde_json::Value> {
+        let keys: Vec<Key> = self
+            .read()
+            .desired
+            .resources
+            .keys()
+            .filter(|k| k.kind == kind)
+            .cloned()
+            .collect();
+        keys.iter().filter_map(|k| self.object(k)).collect()
+    }
+}
+
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Policies and Peers: what access tokens depend on.
+fn relevant(d: &Desired) -> Vec<(&Key, &Resource)> {
+    d.resources
+        .iter()
+        .filter(|(k, _)| {
+            matches!(
+                k.kind,
+                Kind::Peer | Kind::AccessPolicy | Kind::PrivilegedAccessPolicy
+            )
+        })
+        .collect()
+}
+
+fn cond(type_: &str, ok: bool, reason: &str, message: String, now: &str) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: now.to_owned(),
+    }
+}
+
+/// Export and Import conditions for the local platform, and which are usable.
+fn conditions(
+    d: &Desired,
+) -> (
+    BTreeMap<Key, Vec<Condition>>,
+    std::collections::BTreeSet<Key>,
+) {
+    let now = now_rfc3339();
+    let mut out = BTreeMap::new();
+    let mut valid = std::collections::BTreeSet::new();
+    let mut ports: HashMap<u16, &Key> = HashMap::new();
+    for (key, r) in &d.resources {
+        match r {
+            Resource::Export(o) => {
+                let problem = if o.spec.host.is_empty() {
+                    Some(
+                        "spec.host is required outside Kubernetes (there is no Service to export)"
+                            .to_owned(),
+                    )
+                } else if o.spec.port == 0 {
+                    Some("spec.port must be 1-65535".to_owned())
+                } else {
+                    None
+                };
+                let c = match problem {
+                    None => {
+                        valid.insert(key.clone());
+                        cond("ExportValid", true, "Verified", String::new(), &now)
+                    }
+                    Some(m) => cond("ExportValid", false, "Error", m, &now),
+                };
+                out.insert(key.clone(), vec![c]);
+            }
+            Resource::Import(o) => {
+                let port = o.spec.listen_port();
+                let conflict = ports.get(&port).map(|k| (*k).clone());
+                let c = match conflict {
+                    None => {
+                        ports.insert(port, key);
+                        valid.insert(key.clone());
+                        vec![
+                            cond("ImportTargetPortValid", true, "Leased", String::new(), &now),
+                            cond("ImportServiceValid", true, "Valid", String::new(), &now),
+                        ]
+                    }
+                    Some(other) => {
+                        let m = format!(
+                            "cannot generate listening port: port {port} is already in use by service {}/{}",
+                            other.namespace, other.name
+                        );
+                        vec![
+                            cond("ImportTargetPortValid", false, "Error", m.clone(), &now),
+                            cond("ImportServiceValid", false, "Error", m, &now),
+                        ]
+                    }
+                };
+                out.insert(key.clone(), c);
+            }
+            _ => {}
+        }
+    }
+    (out, valid)
+}

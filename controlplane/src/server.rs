@@ -1,0 +1,287 @@
+//! The control plane's two listeners: the gRPC API for the data planes (the
+//! configuration stream, egress authorization and peer requests) and the admin HTTP
+//! port (`/metrics`, `/ready`, and resources with status as JSON in the Kubernetes
+//! object shape: `/api/<kind plural>` and `/api/<kind plural>/<namespace>/<name>`,
+//! or `/api/<kind plural>/<name>` for Peers and PrivilegedAccessPolicies, plus
+//! `/api/errors` for refused resources).
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use controlplane_api::v1;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::Stream;
+
+use crate::authz::Authz;
+use crate::core::Core;
+use crate::resources::{Key, Kind, DEFAULT_NAMESPACE};
+
+/// What the gRPC services and the admin port share.
+pub struct Services {
+    pub core: Arc<Core>,
+    pub authz: Arc<Authz>,
+    pub tls: watch::Receiver<Arc<dataplane::tls::Material>>,
+    pub ready: AtomicBool,
+    pub metrics: Metrics,
+}
+
+impl Services {
+    fn local(&self) -> String {
+        self.tls.borrow().identity.clone()
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    peer_reachable: IntGaugeVec,
+    resource_errors: IntGauge,
+    subscribers: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let peer_reachable = IntGaugeVec::new(
+            Opts::new(
+                "clusterlink_peer_reachable",
+                "1 if the remote peer answers heartbeats, else 0",
+            ),
+            &["peer"],
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let resource_errors = IntGauge::new(
+            "clusterlink_resource_errors",
+            "Resources refused by validation in the last scan",
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let subscribers = IntGauge::new(
+            "clusterlink_dataplane_subscribers",
+            "Data planes following the configuration stream",
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        for c in [
+            Box::new(peer_reachable.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(resource_errors.clone()),
+            Box::new(subscribers.clone()),
+        ] {
+            if let Err(e) = registry.register(c) {
+                tracing::error!(error = %e, "metric registration failed");
+            }
+        }
+        Metrics {
+            registry,
+            peer_reachable,
+            resource_errors,
+            subscribers,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct SubscriberGuard(IntGauge);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[derive(Clone)]
+pub struct Grpc(pub Arc<Services>);
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<v1::Snapshot, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::config_discovery_server::ConfigDiscovery for Grpc {
+    type SubscribeStream = SnapshotStream;
+
+    async fn subscribe(
+        &self,
+        req: tonic::Request<v1::SubscribeRequest>,
+    ) -> Result<tonic::Response<SnapshotStream>, tonic::Status> {
+        use tokio_stream::StreamExt;
+        tracing::info!(dataplane = %req.get_ref().dataplane_id, "data plane subscribed");
+        self.0.metrics.subscribers.inc();
+        let guard = SubscriberGuard(self.0.metrics.subscribers.clone());
+        let rx = self.0.core.subscribe_snapshots();
+        let s = tokio_stream::wrappers::WatchStream::new(rx).map(move |s| {
+            let _keep = &guard;
+            Ok(s)
+        });
+        Ok(tonic::Response::new(Box::pin(s)))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::authorization_server::Authorization for Grpc {
+    async fn authorize_egress(
+        &self,
+        req: tonic::Request<v1::EgressRequest>,
+    ) -> Result<tonic::Response<v1::EgressResponse>, tonic::Status> {
+        let local = self.0.local();
+        Ok(tonic::Response::new(
+            self.0.authz.egress(&local, req.into_inner()).await,
+        ))
+    }
+
+    async fn peer_request(
+        &self,
+        req: tonic::Request<v1::PeerHttpRequest>,
+    ) -> Result<tonic::Response<v1::PeerHttpResponse>, tonic::Status> {
+        let local = self.0.local();
+        Ok(tonic::Response::new(
+            self.0.authz.peer_request(&local, req.into_inner()),
+        ))
+    }
+}
+
+/// Serves the gRPC API until `stop` turns true.
+pub async fn serve_grpc(
+    listener: TcpListener,
+    services: Arc<Services>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let grpc = Grpc(services);
+    tonic::transport::Server::builder()
+        .add_service(v1::config_discovery_server::ConfigDiscoveryServer::new(
+            grpc.clone(),
+        ))
+        .add_service(v1::authorization_server::AuthorizationServer::new(grpc))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
+        .await
+}
+
+/// Serves the admin port until `stop` turns true.
+pub async fn serve_admin(
+    listener: TcpListener,
+    services: Arc<Services>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = dataplane::app::stopped(&mut stop) => return,
+        };
+        let Ok((tcp, _)) = accepted else { continue };
+        let services = services.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| admin(req, services.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    reply(
+        status,
+        "application/json",
+        serde_json::to_vec_pretty(v).unwrap_or_default(),
+    )
+}
+
+async fn admin(
+    req: Request<Incoming>,
+    s: Arc<Services>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    Ok(match parts.as_slice() {
+        ["metrics"] => {
+            let peers = s.core.list(Kind::Peer);
+            s.metrics.peer_reachable.reset();
+            for p in peers {
+                let name = p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let up = s.core.health(&name).reachable == Some(true);
+                s.metrics
+                    .peer_reachable
+                    .with_label_values(&[&name])
+                    .set(i64::from(up));
+            }
+            s.metrics
+                .resource_errors
+                .set(s.core.source_errors().len() as i64);
+            let mut out = String::new();
+            let _ =
+                prometheus::TextEncoder::new().encode_utf8(&s.metrics.registry.gather(), &mut out);
+            reply(StatusCode::OK, "text/plain; version=0.0.4", out)
+        }
+        ["ready"] => {
+            if s.ready.load(Ordering::Relaxed) {
+                reply(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+            }
+        }
+        ["live"] => reply(StatusCode::OK, "text/plain", "live\n"),
+        ["api", "errors"] => json(
+            StatusCode::OK,
+            &serde_json::json!({ "errors": s.core.source_errors() }),
+        ),
+        ["api", kind] => match Kind::from_user(kind) {
+            Some(kind) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": s.core.list(kind) }),
+            ),
+            None => not_found(&format!("unknown kind {kind:?}")),
+        },
+        ["api", kind, rest @ ..] if !rest.is_empty() && rest.len() <= 2 => {
+            let Some(kind) = Kind::from_user(kind) else {
+                return Ok(not_found(&format!("unknown kind {kind:?}")));
+            };
+            let (namespace, name) = match (kind.namespaced(), rest) {
+                (true, [ns, name]) => (ns.to_string(), name.to_string()),
+                (true, [name]) => (DEFAULT_NAMESPACE.to_owned(), name.to_string()),
+                (false, [name]) => (String::new(), name.to_string()),
+                _ => return Ok(not_found("bad resource path")),
+            };
+            let key = Key {
+                kind,
+                namespace,
+                name,
+            };
+            match s.core.object(&key) {
+                Some(v) => json(StatusCode::OK, &v),
+                None => not_found(&format!("{key} not found")),
+            }
+        }
+        _ => not_found("not found"),
+    })
+}
+
+fn not_found(msg: &str) -> Response<Full<Bytes>> {
+    json(StatusCode::NOT_FOUND, &serde_json::json!({ "error": msg }))
+}

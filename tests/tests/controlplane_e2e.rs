@@ -1,0 +1,357 @@
+//! End-to-end with the real control plane: two peers, each a cl-controlplane and a
+//! cl-dataplane (started in-process on port 0, exactly as their binaries start
+//! them), configured by YAML files in each peer's resources directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Result};
+use tests::*;
+
+const T: Duration = Duration::from_secs(30);
+
+struct Site {
+    name: String,
+    dir: PathBuf,
+    cp: controlplane::Running,
+    dp: dataplane::Running,
+}
+
+impl Site {
+    async fn start(
+        fabric: &Fabric,
+        root: &std::path::Path,
+        name: &str,
+        labels: &[&str],
+    ) -> Result<Site> {
+        let dir = root.join(name);
+        let files = PeerFiles::write(&dir, &fabric.ca_pem, &fabric.issue(name)?)?;
+        let resources = dir.join("resources");
+        let cp = controlplane::start(controlplane::Config {
+            grpc_addr: "127.0.0.1:0".parse()?,
+            admin_addr: "127.0.0.1:0".parse()?,
+            resources_dir: resources.clone(),
+            ca_file: files.ca.clone(),
+            cert_file: files.cert.clone(),
+            key_file: files.key.clone(),
+            token_key_file: Some(dir.join("token.key")),
+            peer_labels: labels.iter().map(|l| l.to_string()).collect(),
+            scan_interval_ms: 50,
+            peer_timeout_ms: 1000,
+            log_level: "info".into(),
+        })
+        .await?;
+        let dp = dataplane::start(gateway_config(&files, cp.grpc_addr)).await?;
+        Ok(Site {
+            name: name.into(),
+            dir: resources,
+            cp,
+            dp,
+        })
+    }
+
+    fn write(&self, file: &str, yaml: &str) -> Result<()> {
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.dir.join(file))?;
+        Ok(())
+    }
+
+    async fn get(&self, path: &str) -> Result<serde_json::Value> {
+        let (status, body) = http_get(self.cp.admin_addr, path).await?;
+        ensure!(status == 200, "GET {path}: {status} {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    fn peer_yaml(&self) -> String {
+        format!(
+            "apiVersion: clusterlink.net/v1alpha1\nkind: Peer\nmetadata:\n  name: {}\n  namespace: clusterlink-system\nspec:\n  gateways:\n  - host: 127.0.0.1\n    port: {}\n",
+            self.name,
+            self.dp.gateway_addr.port()
+        )
+    }
+}
+
+fn condition(obj: &serde_json::Value, type_: &str) -> Option<String> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str().map(str::to_owned))
+}
+
+async fn wait_condition(
+    site: &Site,
+    path: &str,
+    type_: &str,
+    want: &str,
+) -> Result<serde_json::Value> {
+    eventually(&format!("{path} {type_}={want}"), T, || async {
+        let v = site.get(path).await.ok()?;
+        (condition(&v, type_).as_deref() == Some(want)).then_some(v)
+    })
+    .await
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+const ALLOW_ALL: &str = "apiVersion: clusterlink.net/v1alpha1
+kind: AccessPolicy
+metadata:
+  name: allow-all
+  namespace: default
+spec:
+  action: allow
+  from:
+  - workloadSelector: {}
+  to:
+  - workloadSelector: {}
+";
+
+fn export_yaml(name: &str, target: SocketAddr) -> String {
+    format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  host: {}\n  port: {}\n",
+        target.ip(),
+        target.port()
+    )
+}
+
+fn import_yaml(name: &str, port: u16, peers: &[&str], scheme: &str) -> String {
+    let mut s = format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  port: {port}\n  lbScheme: {scheme}\n  sources:\n"
+    );
+    for p in peers {
+        s.push_str(&format!(
+            "  - peer: {p}\n    exportName: {name}\n    exportNamespace: default\n"
+        ));
+    }
+    s
+}
+
+async fn pair() -> Result<(TempDir, Site, Site, SocketAddr)> {
+    let (root, _fabric, a, b, import) = pair_with_fabric().await?;
+    Ok((root, a, b, import))
+}
+
+async fn pair_with_fabric() -> Result<(TempDir, Fabric, Site, Site, SocketAddr)> {
+    init_logs();
+    let fabric = Fabric::new("e2e-fabric")?;
+    let root = TempDir::new("cl-cp-e2e")?;
+    let a = Site::start(&fabric, root.path(), "peer-a", &["site=a"]).await?;
+    let b = Site::start(&fabric, root.path(), "peer-b", &["site=b"]).await?;
+    let echo = start_echo().await?;
+    let port = free_port()?;
+    b.write("export.yaml", &export_yaml("echo", echo))?;
+    b.write("policy.yaml", ALLOW_ALL)?;
+    b.write("peers.yaml", &a.peer_yaml())?;
+    a.write("peers.yaml", &b.peer_yaml())?;
+    a.write("policy.yaml", ALLOW_ALL)?;
+    a.write(
+        "import.yaml",
+        &import_yaml("echo", port, &["peer-b"], "round-robin"),
+    )?;
+    Ok((root, fabric, a, b, format!("127.0.0.1:{port}").parse()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connectivity_and_status() -> Result<()> {
+    let (_root, a, b, import) = pair().await?;
+    let peer = wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
+    ensure!(
+        peer["status"]["labels"]["site"] == "b",
+        "labels from heartbeats: {peer}"
+    );
+    wait_condition(&b, "/api/exports/default/echo", "ExportValid", "True").await?;
+    wait_condition(
+        &a,
+        "/api/imports/default/echo",
+        "ImportTargetPortValid",
+        "True",
+    )
+    .await?;
+    let back = eventually("traffic through the import", T, || async {
+        echo_round_trip(import, b"hello fabric")
+            .await
+            .ok()
+            .filter(|b| b == b"hello fabric")
+    })
+    .await?;
+    ensure!(back == b"hello fabric");
+    let m = http_get(a.cp.admin_addr, "/metrics").await?.1;
+    ensure!(
+        metric(&m, "clusterlink_peer_reachable", &["peer=\"peer-b\""]) == 1.0,
+        "{m}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_change_on_the_exporter_applies_to_the_next_connection() -> Result<()> {
+    let (_root, a, b, import) = pair().await?;
+    wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
+    eventually("traffic", T, || async {
+        echo_round_trip(import, b"x")
+            .await
+            .ok()
+            .filter(|b| b == b"x")
+    })
+    .await?;
+    // B now denies peer-a explicitly: the cached token must not carry a new connection.
+    b.write(
+        "deny.yaml",
+        "apiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\nmetadata:\n  name: deny-a\n  namespace: default\nspec:\n  action: deny\n  from:\n  - workloadSelector:\n      matchLabels:\n        peer.clusterlink.net/name: peer-a\n  to:\n  - workloadSelector: {}\n",
+    )?;
+    eventually(
+        "denied within 1 s of the change",
+        Duration::from_secs(1),
+        || async {
+            match echo_round_trip(import, b"x").await {
+                Ok(back) if back == b"x" => None,
+                _ => Some(()),
+            }
+        },
+    )
+    .await
+    .map_err(|_| anyhow!("connections still pass after the deny policy"))?;
+    // Removing the deny restores access.
+    std::fs::remove_file(b.dir.join("deny.yaml"))?;
+    eventually("allowed again", T, || async {
+        echo_round_trip(import, b"y")
+            .await
+            .ok()
+            .filter(|b| b == b"y")
+    })
+    .await?;
+    let _ = a;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_resource_is_refused_and_the_last_valid_version_stays() -> Result<()> {
+    let (_root, a, _b, import) = pair().await?;
+    wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
+    eventually("traffic", T, || async {
+        echo_round_trip(import, b"x")
+            .await
+            .ok()
+            .filter(|b| b == b"x")
+    })
+    .await?;
+    // A broken edit of the import (unknown lbScheme) and a file that is not YAML.
+    a.write(
+        "import.yaml",
+        &import_yaml("echo", import.port(), &["peer-b"], "fastest"),
+    )?;
+    a.write("junk.yaml", "kind: [unclosed")?;
+    let errors = eventually("errors reported", T, || async {
+        let v = a.get("/api/errors").await.ok()?;
+        let list = v["errors"].as_array()?.clone();
+        (list.len() >= 2).then_some(list)
+    })
+    .await?;
+    let text = serde_json::to_string(&errors)?;
+    ensure!(
+        text.contains("lbScheme") && text.contains("fastest"),
+        "{text}"
+    );
+    ensure!(text.contains("junk.yaml"), "{text}");
+    // What runs did not change.
+    ensure!(echo_round_trip(import, b"still").await? == b"still");
+    let imp = a.get("/api/imports/default/echo").await?;
+    ensure!(imp["spec"]["lbScheme"] == "round-robin", "{imp}");
+    Ok(())
+}
+
+/// Raw POST /authz to B's gateway: from a fabric certificate that matches no Peer it
+/// is refused; from peer-a claiming to be someone else, the claim is ignored and the
+/// token names peer-a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authz_identity_comes_from_the_certificate() -> Result<()> {
+    let (_root, fabric, _a, b, _import) = pair_with_fabric().await?;
+    let body = r#"{"ServiceName":"echo","ServiceNamespace":"default","SrcAttributes":{"peer.clusterlink.net/name":"peer-z"}}"#;
+    let req = format!(
+        "POST /authz HTTP/1.1\r\nHost: peer-b\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let stranger = fabric.issue("peer-c")?;
+    let mut s = tls_connect(
+        b.dp.gateway_addr,
+        &fabric.ca_pem,
+        &stranger,
+        "peer-b",
+        &[b"http/1.1"],
+    )
+    .await?;
+    let (status, text) = h1_request(&mut s, &req).await?;
+    ensure!(status == 403, "unknown peer: {status} {text}");
+
+    let peer_a = fabric.issue("peer-a")?;
+    let mut s = tls_connect(
+        b.dp.gateway_addr,
+        &fabric.ca_pem,
+        &peer_a,
+        "peer-b",
+        &[b"http/1.1"],
+    )
+    .await?;
+    s_write(&mut s, &req).await?;
+    let head = read_head(&mut s).await?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let token = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-access-token: "))
+        .ok_or_else(|| anyhow!("no token in {head}"))?;
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| anyhow!("token shape"))?;
+    use base64::Engine as _;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?)?;
+    ensure!(
+        claims["sub"] == "peer-a",
+        "token subject must be the mTLS identity: {claims}"
+    );
+    // An export that is not valid is never authorized.
+    b.write("bad-export.yaml", "apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata:\n  name: nohost\n  namespace: default\nspec:\n  port: 80\n")?;
+    wait_condition(&b, "/api/exports/default/nohost", "ExportValid", "False").await?;
+    let body = r#"{"ServiceName":"nohost","ServiceNamespace":"default","SrcAttributes":null}"#;
+    let req = format!(
+        "POST /authz HTTP/1.1\r\nHost: peer-b\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tls_connect(
+        b.dp.gateway_addr,
+        &fabric.ca_pem,
+        &peer_a,
+        "peer-b",
+        &[b"http/1.1"],
+    )
+    .await?;
+    let (status, text) = h1_request(&mut s, &req).await?;
+    ensure!(status == 404, "invalid export: {status} {text}");
+    Ok(())
+}
+
+async fn s_write<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, text: &str) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    s.write_all(text.as_bytes()).await?;
+    Ok(())
+}
+
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(T, s.read(&mut b)).await??;
+        ensure!(n > 0, "closed");
+        buf.extend_from_slice(&b[..n]);
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
