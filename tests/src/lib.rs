@@ -3,6 +3,8 @@
 //! on the generated tonic servers, TCP echo targets, gateway pairs, and a
 //! poll-with-deadline helper instead of sleeps.
 
+pub mod site;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

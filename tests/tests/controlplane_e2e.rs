@@ -3,135 +3,13 @@
 //! them), configured by YAML files in each peer's resources directory.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
+use tests::site::*;
 use tests::*;
 
 const T: Duration = Duration::from_secs(30);
-
-struct Site {
-    name: String,
-    dir: PathBuf,
-    cp: controlplane::Running,
-    dp: dataplane::Running,
-}
-
-impl Site {
-    async fn start(
-        fabric: &Fabric,
-        root: &std::path::Path,
-        name: &str,
-        labels: &[&str],
-    ) -> Result<Site> {
-        let dir = root.join(name);
-        let files = PeerFiles::write(&dir, &fabric.ca_pem, &fabric.issue(name)?)?;
-        let resources = dir.join("resources");
-        let cp = controlplane::start(controlplane::Config {
-            grpc_addr: "127.0.0.1:0".parse()?,
-            admin_addr: "127.0.0.1:0".parse()?,
-            resources_dir: resources.clone(),
-            ca_file: files.ca.clone(),
-            cert_file: files.cert.clone(),
-            key_file: files.key.clone(),
-            token_key_file: Some(dir.join("token.key")),
-            peer_labels: labels.iter().map(|l| l.to_string()).collect(),
-            scan_interval_ms: 50,
-            peer_timeout_ms: 1000,
-            log_level: "info".into(),
-        })
-        .await?;
-        let dp = dataplane::start(gateway_config(&files, cp.grpc_addr)).await?;
-        Ok(Site {
-            name: name.into(),
-            dir: resources,
-            cp,
-            dp,
-        })
-    }
-
-    fn write(&self, file: &str, yaml: &str) -> Result<()> {
-        let tmp = self.dir.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml)?;
-        std::fs::rename(&tmp, self.dir.join(file))?;
-        Ok(())
-    }
-
-    async fn get(&self, path: &str) -> Result<serde_json::Value> {
-        let (status, body) = http_get(self.cp.admin_addr, path).await?;
-        ensure!(status == 200, "GET {path}: {status} {body}");
-        Ok(serde_json::from_str(&body)?)
-    }
-
-    fn peer_yaml(&self) -> String {
-        format!(
-            "apiVersion: clusterlink.net/v1alpha1\nkind: Peer\nmetadata:\n  name: {}\n  namespace: clusterlink-system\nspec:\n  gateways:\n  - host: 127.0.0.1\n    port: {}\n",
-            self.name,
-            self.dp.gateway_addr.port()
-        )
-    }
-}
-
-fn condition(obj: &serde_json::Value, type_: &str) -> Option<String> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .and_then(|c| c["status"].as_str().map(str::to_owned))
-}
-
-async fn wait_condition(
-    site: &Site,
-    path: &str,
-    type_: &str,
-    want: &str,
-) -> Result<serde_json::Value> {
-    eventually(&format!("{path} {type_}={want}"), T, || async {
-        let v = site.get(path).await.ok()?;
-        (condition(&v, type_).as_deref() == Some(want)).then_some(v)
-    })
-    .await
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-const ALLOW_ALL: &str = "apiVersion: clusterlink.net/v1alpha1
-kind: AccessPolicy
-metadata:
-  name: allow-all
-  namespace: default
-spec:
-  action: allow
-  from:
-  - workloadSelector: {}
-  to:
-  - workloadSelector: {}
-";
-
-fn export_yaml(name: &str, target: SocketAddr) -> String {
-    format!(
-        "apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  host: {}\n  port: {}\n",
-        target.ip(),
-        target.port()
-    )
-}
-
-fn import_yaml(name: &str, port: u16, peers: &[&str], scheme: &str) -> String {
-    let mut s = format!(
-        "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  port: {port}\n  lbScheme: {scheme}\n  sources:\n"
-    );
-    for p in peers {
-        s.push_str(&format!(
-            "  - peer: {p}\n    exportName: {name}\n    exportNamespace: default\n"
-        ));
-    }
-    s
-}
 
 async fn pair() -> Result<(TempDir, Site, Site, SocketAddr)> {
     let (root, _fabric, a, b, import) = pair_with_fabric().await?;
