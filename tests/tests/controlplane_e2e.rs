@@ -233,3 +233,170 @@ async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<String>
     }
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
+
+fn peer_with_gateways(name: &str, gateways: &[String]) -> String {
+    let mut s = format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Peer\nmetadata:\n  name: {name}\nspec:\n  gateways:\n"
+    );
+    for g in gateways {
+        let (h, p) = g.rsplit_once(':').unwrap_or((g, "0"));
+        s.push_str(&format!("  - host: {h}\n    port: {p}\n"));
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_gateways_one_bad() -> Result<()> {
+    let (_root, a, b, import) = pair().await?;
+    let bad = format!("127.0.0.1:{}", free_port()?);
+    let good = b.dp.gateway_addr.to_string();
+    a.write(
+        "peers.yaml",
+        &peer_with_gateways("peer-b", &[bad.clone(), good.clone()]),
+    )?;
+    wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
+    eventually("first access", T, || async {
+        echo_round_trip(import, b"1")
+            .await
+            .ok()
+            .filter(|b| b == b"1")
+    })
+    .await?;
+    for i in 0..10 {
+        let msg = format!("access {i}");
+        ensure!(
+            echo_round_trip(import, msg.as_bytes()).await? == msg.as_bytes(),
+            "access {i} failed"
+        );
+    }
+    a.write("peers.yaml", &peer_with_gateways("peer-b", &[bad.clone()]))?;
+    wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "False").await?;
+    a.write("peers.yaml", &peer_with_gateways("peer-b", &[good, bad]))?;
+    wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
+    eventually("access again", T, || async {
+        echo_round_trip(import, b"2")
+            .await
+            .ok()
+            .filter(|b| b == b"2")
+    })
+    .await?;
+    for i in 0..10 {
+        let msg = format!("again {i}");
+        ensure!(
+            echo_round_trip(import, msg.as_bytes()).await? == msg.as_bytes(),
+            "access {i} failed"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_port_conflict_and_delete() -> Result<()> {
+    let (_root, a, _b, import) = pair().await?;
+    wait_condition(
+        &a,
+        "/api/imports/default/echo",
+        "ImportTargetPortValid",
+        "True",
+    )
+    .await?;
+    eventually("traffic", T, || async {
+        echo_round_trip(import, b"x")
+            .await
+            .ok()
+            .filter(|b| b == b"x")
+    })
+    .await?;
+    // imp2 asks for the port echo holds.
+    a.write(
+        "imp2.yaml",
+        &import_yaml("imp2", import.port(), &["peer-b"], "round-robin"),
+    )?;
+    let v = wait_condition(
+        &a,
+        "/api/imports/default/imp2",
+        "ImportTargetPortValid",
+        "False",
+    )
+    .await?;
+    ensure!(
+        condition(&v, "ImportServiceValid").as_deref() == Some("False"),
+        "{v}"
+    );
+    ensure!(
+        v.to_string()
+            .contains("already in use by service default/echo"),
+        "{v}"
+    );
+    // Moving imp2 to a free port makes it valid and listening.
+    let port2 = free_port()?;
+    a.write(
+        "imp2.yaml",
+        &import_yaml("imp2", port2, &["peer-b"], "round-robin"),
+    )?;
+    wait_condition(
+        &a,
+        "/api/imports/default/imp2",
+        "ImportServiceValid",
+        "True",
+    )
+    .await?;
+    // Deleting echo closes its listener and releases its port.
+    std::fs::remove_file(a.dir.join("import.yaml"))?;
+    eventually("listener closed", T, || async {
+        tokio::net::TcpStream::connect(import)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await?;
+    ensure!(
+        a.get("/api/imports/default/echo").await.is_err(),
+        "deleted import still listed"
+    );
+    a.write(
+        "imp3.yaml",
+        &import_yaml("imp3", import.port(), &["peer-b"], "round-robin"),
+    )?;
+    wait_condition(
+        &a,
+        "/api/imports/default/imp3",
+        "ImportTargetPortValid",
+        "True",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_peer_certificates() -> Result<()> {
+    let (_root, a, b, import) = pair().await?;
+    wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
+    eventually("traffic", T, || async {
+        echo_round_trip(import, b"x")
+            .await
+            .ok()
+            .filter(|b| b == b"x")
+    })
+    .await?;
+    // A moves to a new fabric: A no longer trusts B, nor B A.
+    let fabric2 = Fabric::new("e2e-fabric-2")?;
+    a.files
+        .replace(&fabric2.ca_pem, &fabric2.issue("peer-a")?)?;
+    wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "False").await?;
+    let mut c = tokio::net::TcpStream::connect(import).await?;
+    let got = read_until_closed(&mut c, T).await;
+    ensure!(got == Some(vec![]), "connection not refused: {got:?}");
+    // B moves too: reachable again, traffic again.
+    b.files
+        .replace(&fabric2.ca_pem, &fabric2.issue("peer-b")?)?;
+    wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
+    eventually("traffic on the new fabric", T, || async {
+        echo_round_trip(import, b"y")
+            .await
+            .ok()
+            .filter(|b| b == b"y")
+    })
+    .await?;
+    Ok(())
+}
