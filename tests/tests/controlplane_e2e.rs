@@ -269,7 +269,7 @@ async fn several_gateways_one_bad() -> Result<()> {
             "access {i} failed"
         );
     }
-    a.write("peers.yaml", &peer_with_gateways("peer-b", &[bad.clone()]))?;
+    a.write("peers.yaml", &peer_with_gateways("peer-b", std::slice::from_ref(&bad)))?;
     wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "False").await?;
     a.write("peers.yaml", &peer_with_gateways("peer-b", &[good, bad]))?;
     wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
