@@ -8,9 +8,13 @@ pub mod heartbeat;
 pub mod lb;
 pub mod pdp;
 pub mod peerclient;
+pub mod process;
 pub mod resources;
 pub mod selector;
 pub mod server;
 pub mod store;
 
 pub use app::{start, Config, Running};
+
+/// The data plane's process entry, re-exported for `clusterlink`'s embedded mode.
+pub use dataplane::process::main_with as dataplane_main_with;

@@ -7,6 +7,7 @@ pub mod cpclient;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod process;
 pub mod snapshot;
 pub mod tls;
 pub mod token;

@@ -1,0 +1,257 @@
+//! `clusterlink deploy peer --platform local`: runs the peer's cl-controlplane and
+//! cl-dataplane in the foreground, records their ports in the peer directory, and on
+//! SIGINT/SIGTERM drains both and exits 0. If either component dies, the other is
+//! stopped and the command fails, naming it.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::layout::{self, Run};
+
+pub struct Options {
+    pub base: PathBuf,
+    pub fabric: String,
+    pub peer: String,
+    pub gateway_port: u16,
+    pub admin_port: u16,
+    pub import_bind: IpAddr,
+    pub labels: Vec<String>,
+    pub log_level: String,
+    pub drain_timeout: f64,
+}
+
+/// How to start a component: its binary next to this executable or on PATH, else
+/// this executable itself in embedded mode.
+pub fn component(name: &str) -> Result<Command> {
+    if let Ok(p) = find_binary(name) {
+        return Ok(Command::new(p));
+    }
+    let me = std::env::current_exe().context("locating clusterlink itself")?;
+    let mut c = Command::new(me);
+    c.arg(format!("__{name}"));
+    Ok(c)
+}
+
+/// A component binary: next to this executable, else on PATH.
+pub fn find_binary(name: &str) -> Result<PathBuf> {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_owned))
+    {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    bail!("{name} not found next to clusterlink or on PATH (build it: cargo build --release -p dataplane -p controlplane)")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn port_or_free(p: u16) -> Result<u16> {
+    if p == 0 {
+        free_port()
+    } else {
+        Ok(p)
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn terminate(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+}
+
+async fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if tokio::time::Instant::now() >= end {
+            let _ = child.kill();
+            return child.wait().ok();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_ready(what: &str, admin: &str, children: &mut [(&str, &mut Child)]) -> Result<()> {
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        for (name, c) in children.iter_mut() {
+            if let Ok(Some(s)) = c.try_wait() {
+                bail!("{name} exited during start-up ({s}); run with --log-level debug to see why");
+            }
+        }
+        if matches!(crate::http::get(admin, "/ready").await, Ok((200, _))) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= end {
+            bail!("{what} did not become ready on {admin} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn run(o: Options) -> Result<()> {
+    let pdir = layout::peer_dir(&o.base, &o.fabric, &o.peer);
+    let ca = layout::fabric_dir(&o.base, &o.fabric).join("cert.pem");
+    let cert = pdir.join("cert.pem");
+    let key = pdir.join("key.pem");
+    for f in [&ca, &cert, &key] {
+        if !f.is_file() {
+            bail!(
+                "{} is missing: create the fabric and the peer certificate first (clusterlink create fabric / create peer-cert --name {})",
+                f.display(),
+                o.peer
+            );
+        }
+    }
+    if let Some(run) = Run::read(&pdir) {
+        if alive(run.pid) && run.pid != std::process::id() {
+            bail!(
+                "peer {} already runs (pid {}); stop it first",
+                o.peer,
+                run.pid
+            );
+        }
+    }
+    let resources = layout::resources_dir(&pdir);
+    std::fs::create_dir_all(&resources).with_context(|| resources.display().to_string())?;
+    let gateway_port = port_or_free(o.gateway_port)?;
+    let (dp_admin, cp_admin, grpc) = if o.admin_port == 0 {
+        (free_port()?, free_port()?, free_port()?)
+    } else {
+        let p = o.admin_port;
+        let next = |k: u16| {
+            p.checked_add(k)
+                .ok_or_else(|| anyhow!("--admin-port {p} leaves no room for {k} more ports"))
+        };
+        (p, next(1)?, next(2)?)
+    };
+    let run = Run {
+        peer: o.peer.clone(),
+        pid: std::process::id(),
+        gateway_port,
+        dataplane_admin: format!("127.0.0.1:{dp_admin}"),
+        controlplane_admin: format!("127.0.0.1:{cp_admin}"),
+        controlplane_grpc: format!("127.0.0.1:{grpc}"),
+        import_bind: o.import_bind.to_string(),
+    };
+    let mut cp = component("cl-controlplane")?
+        .arg("--grpc-addr")
+        .arg(&run.controlplane_grpc)
+        .arg("--admin-addr")
+        .arg(&run.controlplane_admin)
+        .arg("--resources-dir")
+        .arg(&resources)
+        .arg("--token-key-file")
+        .arg(pdir.join("token.key"))
+        .arg("--ca-file")
+        .arg(&ca)
+        .arg("--cert-file")
+        .arg(&cert)
+        .arg("--key-file")
+        .arg(&key)
+        .args(
+            o.labels
+                .iter()
+                .flat_map(|l| ["--peer-label".to_owned(), l.clone()]),
+        )
+        .args(["--log-level", &o.log_level])
+        .spawn()
+        .context("starting cl-controlplane")?;
+    let dp = component("cl-dataplane")?
+        .arg("--gateway-addr")
+        .arg(format!("0.0.0.0:{gateway_port}"))
+        .arg("--admin-addr")
+        .arg(&run.dataplane_admin)
+        .arg("--import-bind")
+        .arg(&run.import_bind)
+        .arg("--controlplane")
+        .arg(&run.controlplane_grpc)
+        .arg("--ca-file")
+        .arg(&ca)
+        .arg("--cert-file")
+        .arg(&cert)
+        .arg("--key-file")
+        .arg(&key)
+        .args(["--log-level", &o.log_level])
+        .args(["--drain-timeout", &o.drain_timeout.to_string()])
+        .spawn();
+    let mut dp = match dp {
+        Ok(dp) => dp,
+        Err(e) => {
+            terminate(&mut cp);
+            wait_exit(&mut cp, Duration::from_secs(5)).await;
+            return Err(e).context("starting cl-dataplane");
+        }
+    };
+    let run_file = layout::run_file(&pdir);
+    let result = async {
+        let tmp = run_file.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&run)?)?;
+        std::fs::rename(&tmp, &run_file)?;
+        wait_ready("cl-controlplane", &run.controlplane_admin, &mut [("cl-controlplane", &mut cp), ("cl-dataplane", &mut dp)]).await?;
+        wait_ready("cl-dataplane", &run.dataplane_admin, &mut [("cl-controlplane", &mut cp), ("cl-dataplane", &mut dp)]).await?;
+        println!(
+            "peer {} is running: gateway 0.0.0.0:{gateway_port}, imports on {}, control plane admin http://{}, data plane admin http://{}",
+            o.peer, run.import_bind, run.controlplane_admin, run.dataplane_admin
+        );
+        println!("resources: {}   (stop with Ctrl-C)", resources.display());
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            for (name, c) in [("cl-controlplane", &mut cp), ("cl-dataplane", &mut dp)] {
+                if let Ok(Some(s)) = c.try_wait() {
+                    bail!("{name} exited unexpectedly ({s})");
+                }
+            }
+        }
+    }
+    .await;
+    // Drain the data plane first (it keeps serving from its last snapshot), then
+    // stop the control plane.
+    terminate(&mut dp);
+    let drain = Duration::from_secs_f64(o.drain_timeout.max(0.0) + 5.0);
+    let dp_status = wait_exit(&mut dp, drain).await;
+    terminate(&mut cp);
+    let cp_status = wait_exit(&mut cp, Duration::from_secs(10)).await;
+    let _ = std::fs::remove_file(&run_file);
+    result?;
+    for (name, s) in [("cl-dataplane", dp_status), ("cl-controlplane", cp_status)] {
+        match s {
+            Some(s) if s.success() => {}
+            Some(s) => bail!("{name} exited with {s}"),
+            None => bail!("{name} did not exit"),
+        }
+    }
+    println!("peer {} stopped", o.peer);
+    Ok(())
+}

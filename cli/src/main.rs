@@ -1,0 +1,285 @@
+//! clusterlink: the command line. Certificates, running a peer on this machine,
+//! resources (apply/delete/get) and the one-command quickstart.
+
+mod certs;
+mod deploy;
+mod http;
+mod layout;
+mod quickstart;
+mod resources;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "clusterlink",
+    version,
+    about = "ClusterLink: share services between sites through mutually authenticated gateways"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a fabric CA or a peer certificate.
+    #[command(subcommand)]
+    Create(Create),
+    /// Run a peer.
+    #[command(subcommand)]
+    Deploy(Deploy),
+    /// Add or update resources (Peer, Export, Import, AccessPolicy, PrivilegedAccessPolicy).
+    #[command(
+        after_help = "Example:\n  clusterlink apply --name peer-a -f peer-b.yaml -f import.yaml"
+    )]
+    Apply(Files),
+    /// Remove resources applied before.
+    #[command(after_help = "Example:\n  clusterlink delete --name peer-a -f import.yaml")]
+    Delete(Files),
+    /// Show resources and their status.
+    #[command(
+        after_help = "Examples:\n  clusterlink get peers --name peer-a\n  clusterlink get imports echo --name peer-a -o yaml"
+    )]
+    Get(Get),
+    /// Create two peers on this machine, connect them, send traffic, report, stop.
+    #[command(after_help = "Example:\n  clusterlink quickstart")]
+    Quickstart {
+        /// Leave both peers running until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum Create {
+    /// Create the fabric CA: <path>/<name>/cert.pem and key.pem.
+    #[command(
+        after_help = "Example:\n  clusterlink create fabric --name myfabric --path ./fabrics"
+    )]
+    Fabric {
+        /// Fabric name (the CA's common name and its directory).
+        #[arg(long, default_value = "default_fabric")]
+        name: String,
+        /// Base directory.
+        #[arg(long, default_value = ".")]
+        path: PathBuf,
+        #[arg(long, value_enum, default_value = "ecdsa-p256")]
+        key_type: certs::KeyType,
+    },
+    /// Create a peer certificate signed by the fabric CA.
+    #[command(
+        after_help = "Example:\n  clusterlink create peer-cert --name peer-a --fabric myfabric --path ./fabrics"
+    )]
+    PeerCert {
+        /// Peer name: a DNS name; the certificate's CN and only DNS SAN.
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "default_fabric")]
+        fabric: String,
+        /// Base directory holding <fabric>/.
+        #[arg(long, default_value = ".")]
+        path: PathBuf,
+        /// Where to write cert.pem and key.pem (default <path>/<fabric>/<name>/).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "ecdsa-p256")]
+        key_type: certs::KeyType,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Platform {
+    Local,
+    K8s,
+}
+
+#[derive(Subcommand)]
+enum Deploy {
+    /// Run a peer's control plane and data plane in the foreground until Ctrl-C.
+    #[command(
+        after_help = "Example:\n  clusterlink deploy peer --name peer-a --fabric myfabric --path ./fabrics --platform local --peer-label env=dev"
+    )]
+    Peer {
+        #[command(flatten)]
+        at: PeerAt,
+        #[arg(long, value_enum, default_value = "local")]
+        platform: Platform,
+        /// Peer-facing gateway port (mTLS); 0 picks a free one.
+        #[arg(long, default_value_t = 4443)]
+        gateway_port: u16,
+        /// Data plane admin port; the control plane's admin and gRPC ports are the
+        /// next two. 0 picks free ports for all three.
+        #[arg(long, default_value_t = 4445)]
+        admin_port: u16,
+        /// Address import listeners bind to.
+        #[arg(long, default_value = "127.0.0.1")]
+        import_bind: IpAddr,
+        /// Peer label key=value (policy attribute peer.clusterlink.net/labels.<key>).
+        #[arg(long = "peer-label", alias = "label")]
+        peer_labels: Vec<String>,
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// Seconds in-flight connections get when the peer stops.
+        #[arg(long, default_value_t = 10.0)]
+        drain_timeout: f64,
+    },
+}
+
+#[derive(Args)]
+struct PeerAt {
+    /// Peer name.
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value = "default_fabric")]
+    fabric: String,
+    /// Base directory holding <fabric>/<name>/.
+    #[arg(long, default_value = ".")]
+    path: PathBuf,
+}
+
+impl PeerAt {
+    fn dir(&self) -> PathBuf {
+        layout::peer_dir(&self.path, &self.fabric, &self.name)
+    }
+}
+
+#[derive(Args)]
+struct Files {
+    #[command(flatten)]
+    at: PeerAt,
+    /// File, directory of *.yaml, or - for stdin (repeatable).
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<String>,
+}
+
+#[derive(Args)]
+struct Get {
+    /// peers, exports, imports, accesspolicies or privilegedaccesspolicies.
+    kind: String,
+    /// One resource by name.
+    name: Option<String>,
+    #[command(flatten)]
+    at: PeerAt,
+    /// Namespace (namespaced kinds; default: all, or "default" with a name).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: resources::Output,
+}
+
+/// Hidden first arguments that make `clusterlink` run a component in-process, used
+/// when the component binary is not installed next to it (e.g. `cargo run -p cli`).
+pub const EMBEDDED_CONTROLPLANE: &str = "__cl-controlplane";
+pub const EMBEDDED_DATAPLANE: &str = "__cl-dataplane";
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let embedded = match args.get(1).and_then(|a| a.to_str()) {
+        Some(EMBEDDED_CONTROLPLANE) => Some(controlplane::process::main_with(args[1..].to_vec())),
+        Some(EMBEDDED_DATAPLANE) => Some(controlplane::dataplane_main_with(args[1..].to_vec())),
+        _ => None,
+    };
+    if let Some(result) = embedded {
+        return match result {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Create(Create::Fabric {
+            name,
+            path,
+            key_type,
+        }) => {
+            let dir = certs::create_fabric(&path, &name, key_type)?;
+            println!(
+                "fabric {name}: {}/cert.pem, {}/key.pem",
+                dir.display(),
+                dir.display()
+            );
+        }
+        Cmd::Create(Create::PeerCert {
+            name,
+            fabric,
+            path,
+            output,
+            key_type,
+        }) => {
+            let dir = certs::create_peer_cert(&path, &fabric, &name, output.as_deref(), key_type)?;
+            println!(
+                "peer {name}: {}/cert.pem, {}/key.pem",
+                dir.display(),
+                dir.display()
+            );
+        }
+        Cmd::Deploy(Deploy::Peer {
+            at,
+            platform,
+            gateway_port,
+            admin_port,
+            import_bind,
+            peer_labels,
+            log_level,
+            drain_timeout,
+        }) => {
+            if platform == Platform::K8s {
+                anyhow::bail!("--platform k8s is not yet supported; use --platform local");
+            }
+            deploy::run(deploy::Options {
+                base: at.path,
+                fabric: at.fabric,
+                peer: at.name,
+                gateway_port,
+                admin_port,
+                import_bind,
+                labels: peer_labels,
+                log_level,
+                drain_timeout,
+            })
+            .await?;
+        }
+        Cmd::Apply(f) => resources::apply(&f.at.dir(), &f.files)?,
+        Cmd::Delete(f) => resources::delete(&f.at.dir(), &f.files)?,
+        Cmd::Get(g) => {
+            let out = resources::get(
+                &g.at.dir(),
+                &g.kind,
+                g.name.as_deref(),
+                g.namespace.as_deref(),
+                g.output,
+            )
+            .await?;
+            println!("{out}");
+        }
+        Cmd::Quickstart { keep_running } => quickstart::run(keep_running).await?,
+    }
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! The process edge of cl-controlplane: flags, logging, runtime, signals. The
+//! binary's `main` is this function; `clusterlink` calls it too when it runs the
+//! control plane embedded (no cl-controlplane binary next to it).
+
+use std::ffi::OsString;
+
+use clap::Parser;
+
+/// Runs cl-controlplane with these command-line arguments (the first is the program
+/// name) until SIGTERM or SIGINT.
+pub fn main_with(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
+    let config = crate::Config::try_parse_from(args)?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", config.log_level))?;
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let running = crate::start(config).await?;
+        tracing::info!(grpc = %running.grpc_addr, admin = %running.admin_addr, "cl-controlplane started");
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        running.shutdown();
+        tracing::info!("cl-controlplane stopped");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    Ok(())
+}
