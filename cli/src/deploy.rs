@@ -142,12 +142,13 @@ pub async fn run(o: Options) -> Result<()> {
     let (dp_admin, cp_admin, grpc) = if o.admin_port == 0 {
         (free_port()?, free_port()?, free_port()?)
     } else {
+        // With the default 4445: data plane admin 4445, control plane admin 4446 and
+        // gRPC 4444, the components' own defaults.
         let p = o.admin_port;
-        let next = |k: u16| {
-            p.checked_add(k)
-                .ok_or_else(|| anyhow!("--admin-port {p} leaves no room for {k} more ports"))
-        };
-        (p, next(1)?, next(2)?)
+        let room = || anyhow!("--admin-port {p} needs the ports next to it on both sides");
+        let above = p.checked_add(1).ok_or_else(room)?;
+        let below = p.checked_sub(1).filter(|q| *q > 0).ok_or_else(room)?;
+        (p, above, below)
     };
     let run = Run {
         peer: o.peer.clone(),

@@ -111,8 +111,8 @@ enum Deploy {
         /// Peer-facing gateway port (mTLS); 0 picks a free one.
         #[arg(long, default_value_t = 4443)]
         gateway_port: u16,
-        /// Data plane admin port; the control plane's admin and gRPC ports are the
-        /// next two. 0 picks free ports for all three.
+        /// Data plane admin port P; the control plane's admin port is P+1 and its
+        /// gRPC port P-1. 0 picks free ports for all three.
         #[arg(long, default_value_t = 4445)]
         admin_port: u16,
         /// Address import listeners bind to.
@@ -161,7 +161,8 @@ struct Get {
     /// peers, exports, imports, accesspolicies or privilegedaccesspolicies.
     kind: String,
     /// One resource by name.
-    name: Option<String>,
+    #[arg(id = "resource", value_name = "NAME")]
+    resource: Option<String>,
     #[command(flatten)]
     at: PeerAt,
     /// Namespace (namespaced kinds; default: all, or "default" with a name).
@@ -272,7 +273,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let out = resources::get(
                 &g.at.dir(),
                 &g.kind,
-                g.name.as_deref(),
+                g.resource.as_deref(),
                 g.namespace.as_deref(),
                 g.output,
             )
@@ -282,4 +283,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Quickstart { keep_running } => quickstart::run(keep_running).await?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }
