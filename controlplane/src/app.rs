@@ -188,6 +188,12 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         ready: AtomicBool::new(false),
         metrics: Metrics::new(),
     });
+    services
+        .metrics
+        .register(Box::new(services.authz.remote_calls.clone()));
+    services
+        .metrics
+        .register(Box::new(services.authz.cache_hits.clone()));
     let (stop, stop_rx) = watch::channel(false);
 
     let source = DirSource::start(

@@ -55,6 +55,10 @@ struct Cached {
 pub struct Authz {
     core: Arc<Core>,
     client: PeerClient,
+    /// POST /authz calls to remote peers, by peer and result (ok, refused, error).
+    pub remote_calls: prometheus::IntCounterVec,
+    /// Egress decisions answered from the token cache.
+    pub cache_hits: prometheus::IntCounter,
     counters: lb::Counters,
     cache: Mutex<HashMap<String, Cached>>,
     cache_epoch: Mutex<u64>,
@@ -77,6 +81,19 @@ impl Authz {
         Authz {
             core,
             client,
+            remote_calls: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "clusterlink_peer_authorization_requests_total",
+                    "POST /authz calls to remote peers, by result",
+                ),
+                &["peer", "result"],
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            cache_hits: prometheus::IntCounter::new(
+                "clusterlink_token_cache_hits_total",
+                "Egress authorizations answered with a cached access token",
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
             counters: lb::Counters::new(),
             cache: Mutex::new(HashMap::new()),
             cache_epoch: Mutex::new(0),
@@ -105,6 +122,7 @@ impl Authz {
     }
 
     pub async fn egress(&self, local: &str, req: v1::EgressRequest) -> v1::EgressResponse {
+        tracing::debug!(import = %format!("{}/{}", req.import_namespace, req.import_name), client = %req.client_ip, "egress authorization request");
         self.cache_guard();
         if !req.rejected_token.is_empty() {
             lock(&self.cache).retain(|_, c| c.token != req.rejected_token);
@@ -224,6 +242,7 @@ impl Authz {
                 .filter(|c| c.expires > now + TOKEN_MARGIN_SECS)
                 .cloned()
             {
+                self.cache_hits.inc();
                 return allow(&source.peer, c);
             }
             let body = AuthzRequest {
@@ -238,6 +257,9 @@ impl Authz {
                 .await
             {
                 Ok(resp) => {
+                    self.remote_calls
+                        .with_label_values(&[&source.peer, "ok"])
+                        .inc();
                     let Some(token) = resp
                         .headers
                         .get("x-access-token")
@@ -257,6 +279,14 @@ impl Authz {
                     return allow(&source.peer, c);
                 }
                 Err(e) => {
+                    let result = if matches!(e, crate::peerclient::Error::Status { .. }) {
+                        "refused"
+                    } else {
+                        "error"
+                    };
+                    self.remote_calls
+                        .with_label_values(&[&source.peer, result])
+                        .inc();
                     tracing::info!(import = %key, peer = %source.peer, error = %e, "authorization by the remote peer failed");
                     why.push(e.to_string());
                 }

@@ -48,6 +48,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Adds collectors owned elsewhere (e.g. the authorizer's counters).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::error!(error = %e, "metric registration failed");
+        }
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let peer_reachable = IntGaugeVec::new(

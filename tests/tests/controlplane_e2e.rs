@@ -213,6 +213,33 @@ async fn authz_identity_comes_from_the_certificate() -> Result<()> {
     .await?;
     let (status, text) = h1_request(&mut s, &req).await?;
     ensure!(status == 404, "invalid export: {status} {text}");
+
+    // Policy sees the certificate's name, not the claim: B allows only peer-z, and
+    // peer-a claiming to be peer-z is refused.
+    b.write(
+        "policy.yaml",
+        "apiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\nmetadata:\n  name: allow-all\n  namespace: default\nspec:\n  action: allow\n  from:\n  - workloadSelector:\n      matchLabels:\n        peer.clusterlink.net/name: peer-z\n  to:\n  - workloadSelector: {}\n",
+    )?;
+    let body = r#"{"ServiceName":"echo","ServiceNamespace":"default","SrcAttributes":{"peer.clusterlink.net/name":"peer-z"}}"#;
+    let req = format!(
+        "POST /authz HTTP/1.1\r\nHost: peer-b\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (fabric, b, peer_a, req) = (&fabric, &b, &peer_a, &req);
+    eventually("the claim to be peer-z refused", T, || async move {
+        let mut s = tls_connect(
+            b.dp.gateway_addr,
+            &fabric.ca_pem,
+            peer_a,
+            "peer-b",
+            &[b"http/1.1"],
+        )
+        .await
+        .ok()?;
+        let (status, _) = h1_request(&mut s, req).await.ok()?;
+        (status == 403).then_some(())
+    })
+    .await?;
     Ok(())
 }
 
@@ -269,7 +296,10 @@ async fn several_gateways_one_bad() -> Result<()> {
             "access {i} failed"
         );
     }
-    a.write("peers.yaml", &peer_with_gateways("peer-b", std::slice::from_ref(&bad)))?;
+    a.write(
+        "peers.yaml",
+        &peer_with_gateways("peer-b", std::slice::from_ref(&bad)),
+    )?;
     wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "False").await?;
     a.write("peers.yaml", &peer_with_gateways("peer-b", &[good, bad]))?;
     wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
@@ -398,5 +428,73 @@ async fn dynamic_peer_certificates() -> Result<()> {
             .filter(|b| b == b"y")
     })
     .await?;
+    Ok(())
+}
+
+/// A steady stream of new connections pays no round trip between peers: the token
+/// from the first POST /authz is reused, while each connection is still authorized.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_cached_between_connections() -> Result<()> {
+    let (_root, a, _b, import) = pair().await?;
+    wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
+    eventually("traffic", T, || async {
+        echo_round_trip(import, b"x")
+            .await
+            .ok()
+            .filter(|b| b == b"x")
+    })
+    .await?;
+    let m = http_get(a.cp.admin_addr, "/metrics").await?.1;
+    let calls = metric(
+        &m,
+        "clusterlink_peer_authorization_requests_total",
+        &["peer=\"peer-b\"", "result=\"ok\""],
+    );
+    let hits = metric(&m, "clusterlink_token_cache_hits_total", &[]);
+    for i in 0..20 {
+        let msg = format!("conn {i}");
+        ensure!(echo_round_trip(import, msg.as_bytes()).await? == msg.as_bytes());
+    }
+    let m = http_get(a.cp.admin_addr, "/metrics").await?.1;
+    let calls2 = metric(
+        &m,
+        "clusterlink_peer_authorization_requests_total",
+        &["peer=\"peer-b\"", "result=\"ok\""],
+    );
+    let hits2 = metric(&m, "clusterlink_token_cache_hits_total", &[]);
+    ensure!(
+        calls2 == calls,
+        "{} POST /authz for 20 connections with a valid cached token",
+        calls2 - calls
+    );
+    ensure!(
+        hits2 - hits == 20.0,
+        "each connection is still authorized: {} cache hits\n{m}",
+        hits2 - hits
+    );
+    Ok(())
+}
+
+/// Several data-plane replicas follow one control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dataplane_replicas_share_a_control_plane() -> Result<()> {
+    let (_root, a, _b, import) = pair().await?;
+    let mut cfg = gateway_config(&a.files, a.cp.grpc_addr);
+    cfg.import_bind = "127.0.0.2".parse()?;
+    let replica = dataplane::start(cfg).await?;
+    wait_ready(&replica).await?;
+    wait_condition(&a, "/api/peers/peer-b", "PeerReachable", "True").await?;
+    let second: SocketAddr = format!("127.0.0.2:{}", import.port()).parse()?;
+    for addr in [import, second] {
+        eventually("traffic through each replica", T, || async move {
+            echo_round_trip(addr, b"r").await.ok().filter(|b| b == b"r")
+        })
+        .await?;
+    }
+    let m = http_get(a.cp.admin_addr, "/metrics").await?.1;
+    ensure!(
+        metric(&m, "clusterlink_dataplane_subscribers", &[]) == 2.0,
+        "{m}"
+    );
     Ok(())
 }
