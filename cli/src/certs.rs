@@ -19,6 +19,8 @@ pub enum Error {
     Exists(PathBuf),
     #[error("peer name is not a valid DNS name: {0:?}")]
     BadName(String),
+    #[error("fabric name {0:?} must be a plain directory name (no '/', not '.' or '..')")]
+    BadFabric(String),
     #[error("fabric {fabric:?}: cannot read {path}: {source} (expected the fabric CA as cert.pem and key.pem in {dir}; create it with `clusterlink create fabric --name {fabric}`)")]
     MissingCa {
         fabric: String,
@@ -150,6 +152,9 @@ pub fn write_private(path: &Path, data: &str) -> Result<(), Error> {
 
 /// `clusterlink create fabric`: `<base>/<fabric>/cert.pem` and `key.pem`.
 pub fn create_fabric(base: &Path, fabric: &str, kind: KeyType) -> Result<PathBuf, Error> {
+    if fabric.is_empty() || fabric == "." || fabric == ".." || fabric.contains(['/', '\0']) {
+        return Err(Error::BadFabric(fabric.to_owned()));
+    }
     let dir = layout::fabric_dir(base, fabric);
     if dir.exists() {
         return Err(Error::Exists(dir));

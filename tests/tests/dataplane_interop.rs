@@ -195,3 +195,118 @@ async fn peer_requests_reach_the_control_plane_with_the_mtls_identity() -> Resul
     );
     Ok(())
 }
+
+/// A stand-in for ClusterLink's Go data plane as a remote peer: it offers h2 in ALPN
+/// but cannot tunnel CONNECT over it (answers 500 without our protocols header), and
+/// tunnels over HTTP/1.1 CONNECT, answering `200 OK` with `Content-Type: text/plain`.
+async fn go_like_gateway(
+    files: PeerFiles,
+    target: std::net::SocketAddr,
+) -> Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let material = dataplane::tls::Material::load(
+        &dataplane::tls::CertPaths {
+            ca: files.ca.clone(),
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        },
+        1,
+    )?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(material.server.clone());
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let h2_refusals = std::sync::Arc::new(AtomicUsize::new(0));
+    let refusals = h2_refusals.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            let refusals = refusals.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let Ok(mut conn) = h2::server::handshake(tls).await else {
+                        return;
+                    };
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        refusals.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(resp) = http::Response::builder().status(500).body(()) {
+                            let _ = respond.send_response(resp, true);
+                        }
+                    }
+                    return;
+                }
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match tls.read(&mut b).await {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).to_lowercase();
+                if !text.starts_with("connect ") || !text.contains("authorization: bearer ") {
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let Ok(mut up) = TcpStream::connect(target).await else {
+                    return;
+                };
+                if tls
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    Ok((addr, h2_refusals))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_to_http1_for_a_peer_that_cannot_tunnel_over_h2() -> Result<()> {
+    init_logs();
+    let fabric = Fabric::new("interop-fabric")?;
+    let dir = TempDir::new("cl-go-peer")?;
+    let files_a = PeerFiles::write(
+        &dir.path().join(PEER_A),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_A)?,
+    )?;
+    let files_b = PeerFiles::write(
+        &dir.path().join(PEER_B),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_B)?,
+    )?;
+    let echo = start_echo().await?;
+    let (gw, h2_refusals) = go_like_gateway(files_b, echo).await?;
+    let cp = FakeControlPlane::start(importer_snapshot(gw))?;
+    cp.set_egress(allow_to_b());
+    let a = dataplane::start(gateway_config(&files_a, cp.addr)).await?;
+    wait_ready(&a).await?;
+    let import = a
+        .import_addr(&format!("{NS}/{SERVICE}"))
+        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    // The first connection tries h2, is refused, and falls back within the same attempt.
+    ensure!(echo_round_trip(import, b"first").await? == b"first");
+    ensure!(h2_refusals.load(std::sync::atomic::Ordering::Relaxed) == 1);
+    // Later connections go straight to HTTP/1.1.
+    for i in 0..3 {
+        let msg = format!("again {i}");
+        ensure!(echo_round_trip(import, msg.as_bytes()).await? == msg.as_bytes());
+    }
+    ensure!(
+        h2_refusals.load(std::sync::atomic::Ordering::Relaxed) == 1,
+        "h2 retried for a peer known not to tunnel over it"
+    );
+    Ok(())
+}
