@@ -198,7 +198,8 @@ async fn connection(
         guard.set_reason("denied");
         copy::reset_on_drop(&client);
     };
-    // One retry: a token refused by the remote peer is reported, and a fresh one asked for.
+    // One retry: a token refused by the remote peer (403, or 404: its export is gone) is
+    // reported, and a fresh answer asked for (the control plane then fails over).
     for attempt in 0..2 {
         let t = Instant::now();
         let answer = shared.cp.authorize_egress(request.clone()).await;
@@ -237,7 +238,11 @@ async fn connection(
         let tunnel = match dialer.open(peer, &answer.access_token).await {
             Ok(t) => t,
             Err(tunnel::Error::Refused { status, reason, .. })
-                if attempt == 0 && status == http::StatusCode::FORBIDDEN =>
+                if attempt == 0
+                    && matches!(
+                        status,
+                        http::StatusCode::FORBIDDEN | http::StatusCode::NOT_FOUND
+                    ) =>
             {
                 tracing::debug!(import = %service, %reason, "token refused; asking again");
                 shared.last_good.forget(&cache_key);
