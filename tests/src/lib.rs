@@ -602,15 +602,18 @@ pub async fn wait_ready(r: &dataplane::Running) -> Result<()> {
 
 /// A minimal HTTP/1.1 GET over plain TCP (admin port); returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr).await?;
+    let what = || format!("GET {path} from {addr}");
+    let mut s = TcpStream::connect(addr).await.with_context(what)?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
     )
-    .await?;
+    .await
+    .with_context(what)?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
-        .context("admin request timed out")??;
+        .with_context(what)?
+        .with_context(what)?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text
         .get(9..12)
@@ -752,4 +755,17 @@ pub async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(
 /// True if the peer closes or resets the connection within `within`.
 pub async fn closed_by_peer<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
     read_until_closed(s, within).await.is_some()
+}
+
+/// True if a connection to `addr` is refused or reset, or closed without a byte
+/// within `within`. A reset can arrive before `connect` returns (the gateway resets
+/// refused connections at once), so a failed connect counts as refused.
+pub async fn refused(addr: SocketAddr, within: Duration) -> bool {
+    match TcpStream::connect(addr).await {
+        Err(_) => true,
+        Ok(mut c) => {
+            let _ = c.write_all(b"ping").await;
+            read_until_closed(&mut c, within).await == Some(vec![])
+        }
+    }
 }
