@@ -15,7 +15,6 @@ use controlplane_api::v1;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -24,6 +23,7 @@ use tokio_stream::Stream;
 use crate::authz::Authz;
 use crate::core::Core;
 use crate::resources::{Key, Kind, DEFAULT_NAMESPACE};
+use dataplane::admin::reply;
 
 /// What the gRPC services and the admin port share.
 pub struct Services {
@@ -181,32 +181,9 @@ pub async fn serve_grpc(
 pub async fn serve_admin(
     listener: TcpListener,
     services: Arc<Services>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = dataplane::app::stopped(&mut stop) => return,
-        };
-        let Ok((tcp, _)) = accepted else { continue };
-        let services = services.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| admin(req, services.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(5))
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
-}
-
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, content_type)
-        .body(Full::new(body.into()))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    dataplane::admin::serve_http(listener, stop, move |req| admin(req, services.clone())).await
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {

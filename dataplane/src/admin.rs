@@ -17,18 +17,28 @@ use tokio::sync::watch;
 
 use crate::app::Shared;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    // The admin port outlives the drain so /ready can be watched turning false; it
+    // stops only when the app is torn down.
+    serve_http(listener, stop, move |req| handle(req, shared.clone())).await
+}
+
+/// A small plain HTTP/1.1 server for admin endpoints: one task per connection, a
+/// header read timeout, until `stop` turns true. Shared with the control plane.
+pub async fn serve_http<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            // The admin port outlives the drain so /ready can be watched turning false;
-            // it stops only when the app is torn down.
             _ = crate::app::stopped(&mut stop) => return,
         };
         let Ok((tcp, _)) = accepted else { continue };
-        let shared = shared.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(req, shared.clone()));
+            let svc = hyper::service::service_fn(handler);
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(5))
@@ -38,7 +48,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
     }
 }
 
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+/// A complete response with a content type.
+pub fn reply(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, content_type)
