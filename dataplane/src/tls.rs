@@ -362,3 +362,138 @@ pub fn watch_files(
     });
     Ok(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Fixtures in tests/fixtures were made once with openssl (100-year validity), so
+    //! that the key formats rcgen cannot write are covered: SEC1 (`EC PRIVATE KEY`)
+    //! and PKCS#1 (`RSA PRIVATE KEY`). They protect nothing.
+    use super::*;
+
+    type R = Result<(), Box<dyn std::error::Error>>;
+
+    const CA: &str = include_str!("../tests/fixtures/ca.pem");
+    const EC: &str = include_str!("../tests/fixtures/ec.pem");
+    const EC_SEC1: &str = include_str!("../tests/fixtures/ec-sec1.key");
+    const EC_PKCS8: &str = include_str!("../tests/fixtures/ec-pkcs8.key");
+    const RSA: &str = include_str!("../tests/fixtures/rsa.pem");
+    const RSA_PKCS1: &str = include_str!("../tests/fixtures/rsa-pkcs1.key");
+
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn files(
+        tag: &str,
+        ca: &str,
+        chain: &str,
+        key: &str,
+    ) -> Result<(Dir, CertPaths), std::io::Error> {
+        let dir = std::env::temp_dir().join(format!("cl-tls-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let p = CertPaths {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        std::fs::write(&p.ca, ca)?;
+        std::fs::write(&p.cert, chain)?;
+        std::fs::write(&p.key, key)?;
+        Ok((Dir(dir), p))
+    }
+
+    #[test]
+    fn loads_sec1_pkcs8_and_pkcs1_keys() -> R {
+        for (tag, cert, key, name) in [
+            ("sec1", EC, EC_SEC1, "peer-ec"),
+            ("pkcs8", EC, EC_PKCS8, "peer-ec"),
+            ("pkcs1", RSA, RSA_PKCS1, "peer-rsa"),
+        ] {
+            let (_d, p) = files(tag, CA, &format!("{cert}{CA}"), key)?;
+            let m = Material::load(&p, 1)?;
+            // The identity is the first DNS SAN, even with more than one.
+            assert_eq!(m.identity, name, "{tag}");
+            assert!(m.not_after > 0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_a_key_that_is_not_the_certificates() -> R {
+        let (_d, p) = files("mismatch", CA, EC, RSA_PKCS1)?;
+        assert!(Material::load(&p, 1).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_a_chain_from_another_ca() -> R {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let other = params.self_signed(&rcgen::KeyPair::generate()?)?.pem();
+        let (_d, p) = files("otherca", &other, EC, EC_SEC1)?;
+        match Material::load(&p, 1) {
+            Err(Error::Certificate(m)) => assert!(m.contains("does not verify"), "{m}"),
+            other => panic!("expected a verification error, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn garbage_files_are_errors_not_panics() -> R {
+        for (tag, ca, cert, key) in [
+            ("empty", "", "", ""),
+            ("text", "hello", "world", "!"),
+            ("nokey", CA, EC, ""),
+            ("truncated", CA, &EC[..EC.len() / 2], EC_SEC1),
+        ] {
+            let (_d, p) = files(tag, ca, cert, key)?;
+            assert!(Material::load(&p, 1).is_err(), "{tag}");
+        }
+        let missing = CertPaths {
+            ca: "/nonexistent/ca.pem".into(),
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+        };
+        assert!(matches!(
+            Material::load(&missing, 1),
+            Err(Error::Read { .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn the_remote_must_be_the_peer_dialed() -> R {
+        let roots = roots(&load_certs_from(CA)?, Path::new("ca"))?;
+        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider()).build()?;
+        let v = PeerNameVerifier { inner };
+        let leaf = load_certs_from(EC)?.remove(0);
+        let now = UnixTime::now();
+        assert!(v
+            .verify_server_cert(&leaf, &[], &ServerName::try_from("peer-ec")?, &[], now)
+            .is_ok());
+        // The certificate also lists other.example, but its identity is peer-ec.
+        assert!(v
+            .verify_server_cert(
+                &leaf,
+                &[],
+                &ServerName::try_from("other.example")?,
+                &[],
+                now
+            )
+            .is_err());
+        assert!(v
+            .verify_server_cert(&leaf, &[], &ServerName::try_from("peer-x")?, &[], now)
+            .is_err());
+        Ok(())
+    }
+
+    fn load_certs_from(
+        pem: &str,
+    ) -> Result<Vec<CertificateDer<'static>>, rustls_pki_types::pem::Error> {
+        CertificateDer::pem_slice_iter(pem.as_bytes()).collect()
+    }
+}
