@@ -17,7 +17,8 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "clusterlink",
     version,
-    about = "ClusterLink: share services between sites through mutually authenticated gateways"
+    about = "ClusterLink: share services between sites through mutually authenticated gateways",
+    after_help = "Example (two peers on this machine, traffic, numbers, clean stop):\n  clusterlink quickstart"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,10 +28,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a fabric CA or a peer certificate.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  clusterlink create fabric --name myfabric\n  clusterlink create peer-cert --name peer-a --fabric myfabric"
+    )]
     Create(Create),
     /// Run a peer.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  clusterlink deploy peer --name peer-a --fabric myfabric --platform local"
+    )]
     Deploy(Deploy),
     /// Add or update resources (Peer, Export, Import, AccessPolicy, PrivilegedAccessPolicy).
     #[command(
