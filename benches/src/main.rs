@@ -70,6 +70,7 @@ pub struct Plan {
     pub duration: Duration,
     pub runs: usize,
     pub configs: Vec<Kind>,
+    pub load_before: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -111,6 +112,7 @@ fn real_main(args: Args) -> Result<bool> {
         );
     }
     let plan = Plan {
+        load_before: report::load_average(),
         duration: Duration::from_secs(
             args.duration_secs
                 .unwrap_or(if args.smoke { 1 } else { 5 })
@@ -306,7 +308,8 @@ async fn diagnostics(p: &Pair, result: &mut ConfigResult) {
             return;
         }
     };
-    let m = tests::metric;
+    // `+ 0.0`: a sum over no samples is -0.0, which would print as "-0".
+    let m = |text: &str, name: &str, labels: &[&str]| tests::metric(text, name, labels) + 0.0;
     let hs_client = m(
         &ma,
         "clusterlink_tunnel_handshakes_total",
