@@ -210,8 +210,11 @@ impl Material {
                 certified.clone(),
             )));
         server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
-        // Tunnels are long-lived and pooled; a ticket per connection buys little.
-        server.send_tls13_tickets = 0;
+        // One resumption ticket per connection: pooled h2 tunnels rarely need it, but
+        // peers that tunnel over HTTP/1.1 make a TLS connection per tunnel, and a
+        // resumed handshake costs about half a full one (perf-notes). The session
+        // cache belongs to this config, so rotated certificates start afresh.
+        server.send_tls13_tickets = 1;
 
         let verifier = Arc::new(PeerNameVerifier {
             inner: server_verifier,
