@@ -10,7 +10,8 @@ use clap::Parser;
 /// Runs cl-dataplane with these command-line arguments (the first is the program
 /// name) until SIGTERM or SIGINT.
 pub fn main_with(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
-    let config = crate::Config::try_parse_from(args)?;
+    // Help, version and usage errors print and exit as clap intends (0 or 2).
+    let config = crate::Config::try_parse_from(args).unwrap_or_else(|e| e.exit());
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", config.log_level))?;
     let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
