@@ -151,6 +151,12 @@ async fn invalid_resource_is_refused_and_the_last_valid_version_stays() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authz_identity_comes_from_the_certificate() -> Result<()> {
     let (_root, fabric, _a, b, _import) = pair_with_fabric().await?;
+    // B must know peer-a (and its export) before peer-a asks.
+    eventually("B knows peer-a", T, || async {
+        b.get("/api/peers/peer-a").await.ok()
+    })
+    .await?;
+    wait_condition(&b, "/api/exports/default/echo", "ExportValid", "True").await?;
     let body = r#"{"ServiceName":"echo","ServiceNamespace":"default","SrcAttributes":{"peer.clusterlink.net/name":"peer-z"}}"#;
     let req = format!(
         "POST /authz HTTP/1.1\r\nHost: peer-b\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
