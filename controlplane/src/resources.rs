@@ -374,6 +374,30 @@ pub fn parse_stream(text: &str) -> Stream {
                 break;
             }
         };
+        // `kubectl get -o yaml` of several objects prints one `kind: List` whose
+        // items are the objects: each item counts as a document at this position.
+        if value.get("kind").and_then(Value::as_str) == Some("List") {
+            match value.get("items").and_then(Value::as_sequence) {
+                Some(items) => {
+                    for item in items {
+                        out.docs.push(Doc {
+                            index,
+                            key: loose_key(item),
+                            result: parse_value(item.clone(), index),
+                        });
+                    }
+                }
+                None => out.docs.push(Doc {
+                    index,
+                    key: None,
+                    result: Err(Error::Parse {
+                        doc: index,
+                        message: "items: a List needs a sequence of items".into(),
+                    }),
+                }),
+            }
+            continue;
+        }
         out.docs.push(Doc {
             index,
             key: loose_key(&value),
@@ -1918,6 +1942,39 @@ spec:
             slowest.0,
             slowest.1
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_kubectl_list_counts_as_its_items() -> TestResult {
+        let text = "apiVersion: v1
+kind: List
+items:
+- apiVersion: clusterlink.net/v1alpha1
+  kind: Peer
+  metadata: {name: server}
+  spec:
+    gateways: [{host: 10.0.0.1, port: 30443}]
+- apiVersion: clusterlink.net/v1alpha1
+  kind: Import
+  metadata: {name: bad, namespace: default}
+  spec: {port: 80, lbScheme: fastest, sources: []}
+---
+apiVersion: v1
+kind: List
+items: {}
+";
+        let s = parse_stream(text);
+        assert!(s.syntax_error.is_none());
+        assert_eq!(s.docs.len(), 3);
+        assert!(matches!(&s.docs[0].result, Ok(Resource::Peer(_))));
+        assert_eq!(s.docs[1].index, 1);
+        assert!(s.docs[1].key.is_some());
+        assert!(format!("{:?}", s.docs[1].result).contains("spec.lbScheme"));
+        assert!(matches!(
+            &s.docs[2].result,
+            Err(Error::Parse { doc: 2, .. })
+        ));
         Ok(())
     }
 }
