@@ -150,18 +150,37 @@ pub async fn run(o: Options) -> Result<()> {
         let below = p.checked_sub(1).filter(|q| *q > 0).ok_or_else(room)?;
         (p, above, below)
     };
+    // The data-plane API goes over a Unix socket in a 0700 directory of the peer, so
+    // that no other local user can subscribe and read the token key. Unix socket
+    // paths are limited to about 100 bytes; a deeper peer directory falls back to
+    // TCP on loopback, with a warning.
+    let socket = std::fs::canonicalize(&pdir)
+        .unwrap_or_else(|_| pdir.clone())
+        .join("run")
+        .join("controlplane.sock");
+    let grpc_endpoint = if socket.as_os_str().len() <= 100 {
+        format!("unix:{}", socket.display())
+    } else {
+        eprintln!(
+            "warning: {} is too long for a Unix socket; the control plane listens on 127.0.0.1:{grpc} instead",
+            socket.display()
+        );
+        format!("127.0.0.1:{grpc}")
+    };
     let run = Run {
         peer: o.peer.clone(),
         pid: std::process::id(),
         gateway_port,
         dataplane_admin: format!("127.0.0.1:{dp_admin}"),
         controlplane_admin: format!("127.0.0.1:{cp_admin}"),
-        controlplane_grpc: format!("127.0.0.1:{grpc}"),
+        controlplane_grpc: grpc_endpoint.clone(),
         import_bind: o.import_bind.to_string(),
     };
     let mut cp = component("cl-controlplane")?
-        .arg("--grpc-addr")
-        .arg(&run.controlplane_grpc)
+        .args(match run.controlplane_grpc.strip_prefix("unix:") {
+            Some(path) => ["--grpc-socket".to_owned(), path.to_owned()],
+            None => ["--grpc-addr".to_owned(), run.controlplane_grpc.clone()],
+        })
         .arg("--admin-addr")
         .arg(&run.controlplane_admin)
         .arg("--resources-dir")

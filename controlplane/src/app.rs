@@ -44,9 +44,13 @@ pub enum Error {
 #[derive(Debug, Clone, clap::Parser, serde::Serialize)]
 #[command(name = "cl-controlplane", version, about = "ClusterLink control plane")]
 pub struct Config {
-    /// gRPC address the data planes connect to.
+    /// gRPC address the data planes connect to (TCP; plain, so keep it on loopback).
     #[arg(long, env = "CL_GRPC_ADDR", default_value = "127.0.0.1:4444")]
     pub grpc_addr: SocketAddr,
+    /// Serve the data-plane API on this Unix socket (mode 0600) instead of
+    /// --grpc-addr, so that only this user's processes can connect.
+    #[arg(long, env = "CL_GRPC_SOCKET")]
+    pub grpc_socket: Option<PathBuf>,
     /// Admin address: /metrics, /ready, /api/... (resources with status).
     #[arg(long, env = "CL_CP_ADMIN_ADDR", default_value = "127.0.0.1:4446")]
     pub admin_addr: SocketAddr,
@@ -81,7 +85,9 @@ pub struct Config {
 }
 
 pub struct Running {
-    pub grpc_addr: SocketAddr,
+    /// Where data planes connect: "host:port" or "unix:/path" (cl-dataplane's
+    /// --controlplane).
+    pub grpc_endpoint: String,
     pub admin_addr: SocketAddr,
     pub services: Arc<Services>,
     stop: watch::Sender<bool>,
@@ -175,9 +181,15 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         Duration::from_millis(config.peer_timeout_ms.max(1)),
     );
     let authz = Arc::new(Authz::new(core.clone(), client.clone()));
-    let grpc = bind("gRPC port", config.grpc_addr).await?;
+    let grpc = match &config.grpc_socket {
+        Some(path) => server::GrpcListener::unix(path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?,
+        None => server::GrpcListener::Tcp(bind("gRPC port", config.grpc_addr).await?),
+    };
     let admin = bind("admin port", config.admin_addr).await?;
-    let grpc_addr = grpc.local_addr().unwrap_or(config.grpc_addr);
+    let grpc_endpoint = grpc.endpoint();
     let admin_addr = admin.local_addr().unwrap_or(config.admin_addr);
     tracing::info!(config = ?config, identity = %tls.borrow().identity, "starting cl-controlplane");
 
@@ -232,7 +244,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     tokio::spawn(server::serve_admin(admin, services.clone(), stop_rx));
     services.ready.store(true, Ordering::Relaxed);
     Ok(Running {
-        grpc_addr,
+        grpc_endpoint,
         admin_addr,
         services,
         stop,

@@ -19,7 +19,7 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()>
         .build()?;
     rt.block_on(async move {
         let running = crate::start(config).await?;
-        tracing::info!(grpc = %running.grpc_addr, admin = %running.admin_addr, "cl-controlplane started");
+        tracing::info!(grpc = %running.grpc_endpoint, admin = %running.admin_addr, "cl-controlplane started");
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;

@@ -156,25 +156,79 @@ impl v1::authorization_server::Authorization for Grpc {
     }
 }
 
+/// Where the gRPC API listens: TCP, or a Unix socket only its owner may use.
+pub enum GrpcListener {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+impl GrpcListener {
+    /// Binds a Unix socket with mode 0600, inside a directory only its owner can
+    /// enter (created 0700 if missing), replacing a stale socket file.
+    pub fn unix(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)?;
+            }
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let l = tokio::net::UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(GrpcListener::Unix(l, path.to_owned()))
+    }
+
+    /// What a data plane passes as --controlplane to reach it.
+    pub fn endpoint(&self) -> String {
+        match self {
+            GrpcListener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            GrpcListener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
 /// Serves the gRPC API until `stop` turns true.
 pub async fn serve_grpc(
-    listener: TcpListener,
+    listener: GrpcListener,
     services: Arc<Services>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let grpc = Grpc(services);
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(v1::config_discovery_server::ConfigDiscoveryServer::new(
             grpc.clone(),
         ))
-        .add_service(v1::authorization_server::AuthorizationServer::new(grpc))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            },
-        )
-        .await
+        .add_service(v1::authorization_server::AuthorizationServer::new(grpc));
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    match listener {
+        GrpcListener::Tcp(l) => {
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(l),
+                    stopped,
+                )
+                .await
+        }
+        GrpcListener::Unix(l, path) => {
+            let r = router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(l),
+                    stopped,
+                )
+                .await;
+            let _ = std::fs::remove_file(path);
+            r
+        }
+    }
 }
 
 /// Serves the admin port until `stop` turns true.

@@ -54,7 +54,7 @@ pub struct Config {
     /// Address the import listeners bind to.
     #[arg(long, env = "CL_IMPORT_BIND", default_value = "0.0.0.0")]
     pub import_bind: IpAddr,
-    /// Control plane gRPC address (host:port or http://host:port).
+    /// Control plane gRPC address: host:port, http://host:port, or unix:/path/to.sock.
     #[arg(long, env = "CL_CONTROLPLANE", default_value = "127.0.0.1:4444")]
     pub controlplane: String,
     /// Fabric CA certificate (PEM).

@@ -38,6 +38,9 @@ impl ControlPlane {
     /// `addr` is "host:port" or a URL. The channel connects lazily and reconnects on
     /// its own.
     pub fn new(addr: &str) -> Result<Self, Error> {
+        if let Some(path) = addr.strip_prefix("unix:") {
+            return Ok(Self::unix(std::path::PathBuf::from(path)));
+        }
         let url = if addr.contains("://") {
             addr.to_owned()
         } else {
@@ -54,6 +57,27 @@ impl ControlPlane {
             authz: AuthorizationClient::new(channel.clone()),
             channel,
         })
+    }
+
+    /// A control plane on a Unix socket (the local platform's default: only the
+    /// socket's owner can connect, so no other local process can read the snapshot).
+    fn unix(path: std::path::PathBuf) -> Self {
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        let channel = Endpoint::from_static("http://controlplane.local")
+            .connect_timeout(Duration::from_secs(1))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_with_connector_lazy(connector);
+        ControlPlane {
+            authz: AuthorizationClient::new(channel.clone()),
+            channel,
+        }
     }
 
     pub async fn authorize_egress(

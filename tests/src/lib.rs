@@ -422,7 +422,7 @@ pub const NS: &str = "default";
 pub const SERVICE: &str = "echo";
 pub const TOKEN_KEY: &[u8; 32] = b"fabric-test-token-key-32-bytes!!";
 
-pub fn gateway_config(files: &PeerFiles, cp: SocketAddr) -> dataplane::Config {
+pub fn gateway_config(files: &PeerFiles, cp: impl std::fmt::Display) -> dataplane::Config {
     dataplane::Config {
         gateway_addr: "127.0.0.1:0"
             .parse()

@@ -32,6 +32,7 @@ impl Site {
         let resources = dir.join("resources");
         let cp = controlplane::start(controlplane::Config {
             grpc_addr: "127.0.0.1:0".parse()?,
+            grpc_socket: None,
             admin_addr: "127.0.0.1:0".parse()?,
             resources_dir: resources.clone(),
             ca_file: files.ca.clone(),
@@ -44,7 +45,7 @@ impl Site {
             log_level: "info".into(),
         })
         .await?;
-        let dp = dataplane::start(gateway_config(&files, cp.grpc_addr)).await?;
+        let dp = dataplane::start(gateway_config(&files, &cp.grpc_endpoint)).await?;
         Ok(Site {
             name: name.into(),
             dir: resources,

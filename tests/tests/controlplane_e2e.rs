@@ -486,7 +486,7 @@ async fn tokens_are_cached_between_connections() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_dataplane_replicas_share_a_control_plane() -> Result<()> {
     let (_root, a, _b, import) = pair().await?;
-    let mut cfg = gateway_config(&a.files, a.cp.grpc_addr);
+    let mut cfg = gateway_config(&a.files, &a.cp.grpc_endpoint);
     cfg.import_bind = "127.0.0.2".parse()?;
     let replica = dataplane::start(cfg).await?;
     wait_ready(&replica).await?;
@@ -501,6 +501,59 @@ async fn two_dataplane_replicas_share_a_control_plane() -> Result<()> {
     let m = http_get(a.cp.admin_addr, "/metrics").await?.1;
     ensure!(
         metric(&m, "clusterlink_dataplane_subscribers", &[]) == 2.0,
+        "{m}"
+    );
+    Ok(())
+}
+
+/// The local platform's default: the data-plane API on a Unix socket that only its
+/// owner can use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataplane_follows_a_control_plane_on_a_unix_socket() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    init_logs();
+    let fabric = Fabric::new("uds-fabric")?;
+    let root = TempDir::new("cl-uds")?;
+    let files = PeerFiles::write(
+        &root.path().join("peer-a"),
+        &fabric.ca_pem,
+        &fabric.issue("peer-a")?,
+    )?;
+    let socket = root.path().join("run").join("cp.sock");
+    let cp = controlplane::start(controlplane::Config {
+        grpc_addr: "127.0.0.1:0".parse()?,
+        grpc_socket: Some(socket.clone()),
+        admin_addr: "127.0.0.1:0".parse()?,
+        resources_dir: root.path().join("resources"),
+        ca_file: files.ca.clone(),
+        cert_file: files.cert.clone(),
+        key_file: files.key.clone(),
+        token_key_file: None,
+        peer_labels: vec![],
+        scan_interval_ms: 50,
+        peer_timeout_ms: 1000,
+        log_level: "info".into(),
+    })
+    .await?;
+    ensure!(
+        cp.grpc_endpoint == format!("unix:{}", socket.display()),
+        "{}",
+        cp.grpc_endpoint
+    );
+    ensure!(
+        std::fs::metadata(&socket)?.permissions().mode() & 0o777 == 0o600,
+        "socket not 0600"
+    );
+    let run = socket.parent().ok_or_else(|| anyhow!("no parent"))?;
+    ensure!(
+        std::fs::metadata(run)?.permissions().mode() & 0o777 == 0o700,
+        "socket directory not 0700"
+    );
+    let dp = dataplane::start(gateway_config(&files, &cp.grpc_endpoint)).await?;
+    wait_ready(&dp).await?;
+    let m = http_get(cp.admin_addr, "/metrics").await?.1;
+    ensure!(
+        metric(&m, "clusterlink_dataplane_subscribers", &[]) == 1.0,
         "{m}"
     );
     Ok(())
