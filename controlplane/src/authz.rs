@@ -17,7 +17,7 @@ use bytes::Bytes;
 use controlplane_api::v1;
 use serde::{Deserialize, Serialize};
 
-use crate::core::{host_port, Core};
+use crate::core::{host_port, lock, Core};
 use crate::lb;
 use crate::pdp;
 use crate::peerclient::PeerClient;
@@ -62,10 +62,6 @@ pub struct Authz {
     counters: lb::Counters,
     cache: Mutex<HashMap<String, Cached>>,
     cache_epoch: Mutex<u64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn deny(reason: impl Into<String>) -> v1::EgressResponse {

@@ -15,7 +15,9 @@ use crate::pdp::Pdp;
 use crate::resources::{Key, Kind, Resource};
 use crate::store::{Desired, SourceError};
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a mutex whose short critical sections cannot leave it inconsistent, so a
+/// poisoned lock is still usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

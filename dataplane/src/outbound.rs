@@ -18,7 +18,7 @@ use crate::app::Shared;
 use crate::copy::{self, Counters};
 use crate::metrics::ConnGuard;
 use crate::snapshot::Import;
-use crate::tunnel::{self, Dialer, Tunnel};
+use crate::tunnel::{self, lock, Dialer, Tunnel};
 
 /// Bound on the last-known-good cache; past it the cache starts over.
 const LAST_GOOD_MAX: usize = 4096;
@@ -29,7 +29,7 @@ pub struct LastGood(Mutex<HashMap<String, v1::EgressResponse>>);
 
 impl LastGood {
     fn remember(&self, key: String, answer: &v1::EgressResponse) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(&self.0);
         if m.len() >= LAST_GOOD_MAX && !m.contains_key(&key) {
             m.clear();
         }
@@ -41,14 +41,14 @@ impl LastGood {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let m = lock(&self.0);
         m.get(key)
             .filter(|a| a.expires_unix_ms > now_ms + 500)
             .cloned()
     }
 
     fn forget(&self, key: &str) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        lock(&self.0).remove(key);
     }
 }
 
@@ -74,7 +74,7 @@ impl Imports {
 
     /// Bound address of each import listener, by "namespace/name".
     pub fn addrs(&self) -> HashMap<String, SocketAddr> {
-        let l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        let l = lock(&self.listeners);
         l.iter().map(|(k, b)| (k.clone(), b.addr)).collect()
     }
 
@@ -91,7 +91,7 @@ impl Imports {
         let mut ok = true;
         let mut to_bind = Vec::new();
         {
-            let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            let mut l = lock(&self.listeners);
             l.retain(|k, b| {
                 let keep = snap.imports.get(k) == Some(&b.import);
                 if !keep {
@@ -120,7 +120,7 @@ impl Imports {
                         dialer.clone(),
                         stop.clone(),
                     ));
-                    let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut l = lock(&self.listeners);
                     l.insert(k, Bound { import, addr, task });
                 }
                 Err(e) => {
@@ -134,7 +134,7 @@ impl Imports {
 
     /// Closes every listener (drain).
     pub fn close_all(&self) {
-        let mut l = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        let mut l = lock(&self.listeners);
         for (_, b) in l.drain() {
             b.task.abort();
         }

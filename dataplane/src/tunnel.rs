@@ -108,7 +108,7 @@ pub struct Dialer {
     force_h1: bool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding these short critical sections cannot leave them
     // inconsistent, so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -98,11 +98,7 @@ pub async fn wait_condition(
     .await
 }
 
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+pub use crate::procs::free_port;
 
 pub const ALLOW_ALL: &str = "apiVersion: clusterlink.net/v1alpha1
 kind: AccessPolicy

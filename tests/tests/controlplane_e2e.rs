@@ -108,7 +108,6 @@ async fn policy_change_on_the_exporter_applies_to_the_next_connection() -> Resul
             .filter(|b| b == b"y")
     })
     .await?;
-    let _ = a;
     Ok(())
 }
 
