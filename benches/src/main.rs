@@ -1,12 +1,17 @@
-//! cl-bench: the benchmark harness. Runs the real `cl-dataplane` binary as gateways A
-//! and B on loopback (client -> A's import -> mTLS tunnel -> B -> target) and compares
-//! them with the client talking to the target directly. See benches/README.md.
+//! cl-bench: the benchmark harness. Runs our real `cl-controlplane` and `cl-dataplane`
+//! binaries as peers A and B on loopback (client -> A's import -> mTLS tunnel -> B ->
+//! target), the double hops users would build instead (stunnel, HAProxy, nginx) and the
+//! client talking to the target directly, all in the same run. See benches/README.md.
 
-mod gateways;
+mod baselines;
+mod chart;
 mod load;
+mod ours;
+mod procs;
 mod report;
 mod targets;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,32 +19,47 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Parser;
 
-use crate::gateways::{Certs, Pair};
-use crate::report::{ConfigResult, Sample};
+use crate::baselines::{Tool, Tools};
+use crate::ours::{Bins, Certs};
+use crate::procs::Managed;
+use crate::report::{ConfigResult, Memory, Sample};
 use crate::targets::Targets;
 
-/// Benchmark: gateway A -> gateway B throughput and connection rate, against direct.
+/// Benchmark: our gateways against stunnel, HAProxy and nginx double hops, and direct.
 #[derive(Debug, Parser)]
 #[command(name = "cl-bench")]
 struct Args {
-    /// Quick check: 1 s per scenario and 1 run (unless given explicitly); fails if any
-    /// configuration does not carry traffic.
+    /// Quick check for CI: direct and our two modes only (no baselines), 1 s per
+    /// scenario, 1 run, 500 idle connections; fails if any configuration does not
+    /// carry traffic. Explicit flags override these.
     #[arg(long)]
     smoke: bool,
-    /// Seconds per scenario (default 5; 1 with --smoke).
+    /// Seconds per scenario (default 4; 1 with --smoke).
     #[arg(long)]
     duration_secs: Option<u64>,
     /// Runs of every configuration; the table shows median and min–max (default 3;
     /// 1 with --smoke).
     #[arg(long)]
     runs: Option<usize>,
-    /// Configurations to run (default: all, in this order).
+    /// Configurations to run (default: all, in this order; with --smoke: direct,
+    /// ours-h2, ours-http1).
     #[arg(long = "config", value_enum)]
     configs: Vec<Kind>,
-    /// The gateway binary (default: cl-dataplane next to cl-bench).
+    /// Idle tunnelled connections held open in the memory scenario (default 10000;
+    /// 500 with --smoke).
     #[arg(long)]
-    dataplane: Option<PathBuf>,
-    /// Where to write the markdown table (default: benches/results/latest.md).
+    idle_connections: Option<usize>,
+    /// Do not install missing baseline tools with apt-get; skip their configurations.
+    #[arg(long)]
+    no_install: bool,
+    /// Directory of cl-dataplane and cl-controlplane (default: next to cl-bench).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Internal: serve the echo and sink targets (the harness runs itself this way).
+    #[arg(long, hide = true)]
+    serve_targets: bool,
+    /// Where to write the markdown table; the SVG chart goes beside it with the
+    /// extension .svg (default: benches/results/latest.md).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -48,21 +68,66 @@ struct Args {
 pub enum Kind {
     /// Client -> target, no gateway.
     Direct,
-    /// Through A and B, one pooled HTTP/2 connection carrying a CONNECT stream per
+    /// Our peers: one pooled HTTP/2 connection over mTLS carrying a CONNECT stream per
     /// tunnelled connection (the default).
     OursH2,
-    /// Through A and B, HTTP/1.1 CONNECT with one TLS connection per tunnelled
+    /// Our peers with HTTP/1.1 CONNECT and one TLS connection per tunnelled
     /// connection (A runs with --force-http1; ClusterLink's model).
     OursHttp1,
+    /// stunnel as an mTLS double hop.
+    Stunnel,
+    /// HAProxy as an mTLS double hop.
+    Haproxy,
+    /// nginx (stream module) as an mTLS double hop.
+    Nginx,
+    /// HAProxy as a plain TCP double hop (no TLS): the no-crypto relay bound.
+    HaproxyPlain,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::Direct,
+        Kind::OursH2,
+        Kind::OursHttp1,
+        Kind::Stunnel,
+        Kind::Haproxy,
+        Kind::Nginx,
+        Kind::HaproxyPlain,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
             Kind::OursH2 => "ours-h2",
             Kind::OursHttp1 => "ours-http1",
+            Kind::Stunnel => "stunnel",
+            Kind::Haproxy => "haproxy",
+            Kind::Nginx => "nginx",
+            Kind::HaproxyPlain => "haproxy-plain",
         }
+    }
+
+    pub fn tool(self) -> Option<Tool> {
+        match self {
+            Kind::Direct | Kind::OursH2 | Kind::OursHttp1 => None,
+            Kind::Stunnel => Some(Tool::Stunnel),
+            Kind::Haproxy => Some(Tool::Haproxy),
+            Kind::Nginx => Some(Tool::Nginx),
+            Kind::HaproxyPlain => Some(Tool::HaproxyPlain),
+        }
+    }
+
+    /// An mTLS double hop of another tool (the "best mTLS baseline" candidates).
+    pub fn is_mtls_baseline(self) -> bool {
+        matches!(self, Kind::Stunnel | Kind::Haproxy | Kind::Nginx)
+    }
+
+    /// The memory scenario runs for our default mode only: its target is absolute, and
+    /// with one TLS connection per tunnelled connection (ours-http1) 10,000 connections
+    /// need 20,000 descriptors in gateway A, the whole open-file limit of machines like
+    /// this one.
+    pub fn measures_memory(self) -> bool {
+        self == Kind::OursH2
     }
 }
 
@@ -70,7 +135,10 @@ pub struct Plan {
     pub duration: Duration,
     pub runs: usize,
     pub configs: Vec<Kind>,
+    pub idle_connections: usize,
     pub load_before: Option<String>,
+    /// Tool versions and what the harness did to get them.
+    pub tool_notes: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -88,88 +156,152 @@ fn main() -> ExitCode {
     }
 }
 
-/// Ok(false) when some configuration failed to carry traffic.
+/// Ok(false) when some configuration that ran failed to carry traffic.
 fn real_main(args: Args) -> Result<bool> {
-    let bin = match args.dataplane {
-        Some(p) => p,
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    if args.serve_targets {
+        Targets::serve_until_stdin_closes(threads)?;
+        return Ok(true);
+    }
+    let dir = match args.bin_dir {
+        Some(d) => d,
         None => std::env::current_exe()
             .context("locating cl-bench")?
-            .with_file_name("cl-dataplane"),
+            .parent()
+            .context("cl-bench has no directory")?
+            .to_owned(),
     };
-    if !bin.is_file() {
-        bail!(
-            "the gateway binary {} does not exist; build it first with \
-             `cargo build --release -p dataplane` (cl-bench runs the real cl-dataplane \
-             found next to itself, or the one given with --dataplane)",
-            bin.display()
-        );
+    let bins = Bins {
+        dataplane: dir.join("cl-dataplane"),
+        controlplane: dir.join("cl-controlplane"),
+    };
+    for bin in [&bins.dataplane, &bins.controlplane] {
+        if !bin.is_file() {
+            bail!(
+                "{} does not exist; build it first with `cargo build --release -p dataplane \
+                 -p controlplane` (or run benches/run.sh, which builds everything)",
+                bin.display()
+            );
+        }
     }
-    warn_if_stale(&bin);
+    warn_if_stale(&bins.dataplane, "dataplane");
+    warn_if_stale(&bins.controlplane, "controlplane");
     if cfg!(debug_assertions) {
         eprintln!(
             "cl-bench: warning: this is an unoptimized build; numbers are meaningless \
              (use cargo run --release -p benches)"
         );
     }
+    let configs = if !args.configs.is_empty() {
+        let mut c = args.configs.clone();
+        c.dedup();
+        c
+    } else if args.smoke {
+        vec![Kind::Direct, Kind::OursH2, Kind::OursHttp1]
+    } else {
+        Kind::ALL.to_vec()
+    };
+    let idle_connections = args
+        .idle_connections
+        .unwrap_or(if args.smoke { 500 } else { 10_000 })
+        .max(1);
+    // The memory scenario's client sockets live in this process, the target's in its
+    // child, and the gateways inherit the limit.
+    let want = idle_connections as u64 + 4096;
+    let nofile = procs::raise_nofile(want);
+    if nofile < want {
+        eprintln!(
+            "cl-bench: warning: the open-file limit is {nofile}, below the {want} the memory \
+             scenario needs"
+        );
+    }
+    let tools = if configs.iter().any(|k| k.tool().is_some()) {
+        Tools::ensure(!args.no_install)
+    } else {
+        Tools::probe_only()
+    };
+    let mut tool_notes = tools.notes.clone();
+    tool_notes.extend(tools.versions());
     let plan = Plan {
         load_before: report::load_average(),
         duration: Duration::from_secs(
             args.duration_secs
-                .unwrap_or(if args.smoke { 1 } else { 5 })
+                .unwrap_or(if args.smoke { 1 } else { 4 })
                 .max(1),
         ),
         runs: args.runs.unwrap_or(if args.smoke { 1 } else { 3 }).max(1),
-        configs: if args.configs.is_empty() {
-            vec![Kind::Direct, Kind::OursH2, Kind::OursHttp1]
-        } else {
-            let mut c = args.configs.clone();
-            c.dedup();
-            c
-        },
+        configs,
+        idle_connections,
+        tool_notes,
     };
     let out = args
         .out
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("results/latest.md"));
 
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    // The targets run on their own runtime (own threads, own scheduler).
-    let targets = Targets::start(threads)?;
+    // The targets run in a process of their own (own threads, own scheduler, own
+    // open-file limit).
+    let targets = Targets::spawn(&std::env::current_exe().context("locating cl-bench")?)?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name("cl-bench-client")
         .enable_all()
         .build()
         .context("building the client runtime")?;
+    let started = std::time::Instant::now();
     let results = client_rt.block_on(async {
         tokio::select! {
-            r = run(&bin, &plan, &targets) => r,
-            // Dropping the run future kills the gateways (their guards' Drop).
+            r = run(&bins, &tools, &plan, &targets) => r,
+            // Dropping the run future stops the processes (their guards' Drop).
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         }
     });
     client_rt.shutdown_timeout(Duration::from_secs(1));
     drop(targets);
     let results = results?;
+    let wall = started.elapsed();
 
-    let markdown = report::render(&plan, &results);
+    let markdown = report::render(&plan, &results, wall);
     println!("{markdown}");
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::write(&out, &markdown).with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("cl-bench: table written to {}", out.display());
-    Ok(results.iter().all(ConfigResult::carried_traffic))
+    let svg = out.with_extension("svg");
+    chart::write(&svg, &plan, &results).with_context(|| format!("writing {}", svg.display()))?;
+    eprintln!(
+        "cl-bench: table written to {}, chart to {} ({:.0} s)",
+        out.display(),
+        svg.display(),
+        wall.as_secs_f64()
+    );
+    Ok(results
+        .iter()
+        .filter(|r| r.skipped.is_none())
+        .all(ConfigResult::carried_traffic))
 }
 
-async fn run(bin: &Path, plan: &Plan, targets: &Targets) -> Result<Vec<ConfigResult>> {
+async fn run(
+    bins: &Bins,
+    tools: &Tools,
+    plan: &Plan,
+    targets: &Targets,
+) -> Result<Vec<ConfigResult>> {
     let certs = Certs::generate()?;
     let mut results: Vec<ConfigResult> =
         plan.configs.iter().map(|k| ConfigResult::new(*k)).collect();
+    for r in results.iter_mut() {
+        if let Some(tool) = r.kind.tool() {
+            if let Err(reason) = tools.binary(tool) {
+                eprintln!("cl-bench: {}: skipped: {reason}", r.kind.name());
+                r.skipped = Some(reason);
+            }
+        }
+    }
     for run in 1..=plan.runs {
-        for result in results.iter_mut() {
+        for result in results.iter_mut().filter(|r| r.skipped.is_none()) {
             let kind = result.kind;
             eprintln!("cl-bench: run {run}/{}: {}", plan.runs, kind.name());
-            match one(bin, &certs, targets, kind, plan.duration, run, result).await {
+            match one(bins, tools, &certs, targets, kind, plan, run, result).await {
                 Ok(sample) => result.samples.push(sample),
                 Err(e) => {
                     eprintln!("cl-bench:   {} run {run} FAILED: {e:#}", kind.name());
@@ -181,40 +313,95 @@ async fn run(bin: &Path, plan: &Plan, targets: &Targets) -> Result<Vec<ConfigRes
     Ok(results)
 }
 
-/// One run of both scenarios for one configuration.
+/// What runs for one configuration: nothing (direct), our two peers, or a baseline pair.
+enum Running {
+    Direct,
+    Ours(Box<ours::Pair>),
+    Baseline(Box<baselines::Pair>),
+}
+
+impl Running {
+    async fn start(
+        bins: &Bins,
+        tools: &Tools,
+        certs: &Certs,
+        targets: &Targets,
+        kind: Kind,
+    ) -> Result<Running> {
+        Ok(match kind {
+            Kind::Direct => Running::Direct,
+            Kind::OursH2 | Kind::OursHttp1 => {
+                let force_http1 = kind == Kind::OursHttp1;
+                Running::Ours(Box::new(
+                    ours::Pair::start(bins, certs, targets, force_http1).await?,
+                ))
+            }
+            _ => {
+                let tool = kind.tool().context("a baseline without a tool")?;
+                let bin = tools.binary(tool).map_err(|e| anyhow!(e))?;
+                Running::Baseline(Box::new(
+                    baselines::Pair::start(tool, bin, certs, targets).await?,
+                ))
+            }
+        })
+    }
+
+    /// (sink, echo) as the client sees them.
+    fn endpoints(&self, targets: &Targets) -> (SocketAddr, SocketAddr) {
+        match self {
+            Running::Direct => (targets.sink, targets.echo),
+            Running::Ours(p) => (p.sink, p.echo),
+            Running::Baseline(p) => (p.sink, p.echo),
+        }
+    }
+
+    /// Gateway A then gateway B (the data path only: not our control planes).
+    fn gateways(&self) -> Vec<&Managed> {
+        match self {
+            Running::Direct => Vec::new(),
+            Running::Ours(p) => vec![&p.a.dp, &p.b.dp],
+            Running::Baseline(p) => vec![&p.a, &p.b],
+        }
+    }
+
+    fn cpu(&self) -> Option<f64> {
+        let g = self.gateways();
+        if g.is_empty() {
+            return None;
+        }
+        g.iter().map(|m| m.cpu_seconds()).sum()
+    }
+}
+
+/// One run of every scenario for one configuration.
+#[allow(clippy::too_many_arguments)]
 async fn one(
-    bin: &Path,
+    bins: &Bins,
+    tools: &Tools,
     certs: &Certs,
     targets: &Targets,
     kind: Kind,
-    duration: Duration,
+    plan: &Plan,
     run: usize,
     result: &mut ConfigResult,
 ) -> Result<Sample> {
-    let pair = match kind {
-        Kind::Direct => None,
-        Kind::OursH2 | Kind::OursHttp1 => {
-            let force_http1 = kind == Kind::OursHttp1;
-            // One retry: a probed port can be taken by someone else before the gateway binds it.
-            let pair = match Pair::start(bin, certs, targets, force_http1).await {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("cl-bench:   gateways did not start ({e:#}); retrying once");
-                    Pair::start(bin, certs, targets, force_http1).await?
-                }
-            };
-            Some(pair)
+    // One retry: a probed port can be taken by someone else before a gateway binds it.
+    let running = match Running::start(bins, tools, certs, targets, kind).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cl-bench:   gateways did not start ({e:#}); retrying once");
+            Running::start(bins, tools, certs, targets, kind).await?
         }
     };
-    let (sink, echo) = match &pair {
-        Some(p) => (p.sink, p.echo),
-        None => (targets.sink, targets.echo),
-    };
-    let cpu = || {
-        pair.as_ref().and_then(|p| {
-            Some(gateways::cpu_seconds(p.a.pid())? + gateways::cpu_seconds(p.b.pid())?)
-        })
-    };
+    if let Running::Baseline(p) = &running {
+        if let Some(check) = &p.mtls_check {
+            if run == 1 {
+                result.notes.push(format!("mutual TLS checked: {check}"));
+            }
+        }
+    }
+    let (sink, echo) = running.endpoints(targets);
+    let duration = plan.duration;
     let mut sample = Sample::default();
     let failed = |what: &str, e: anyhow::Error| {
         eprintln!(
@@ -225,48 +412,72 @@ async fn one(
     };
     let mut errors = Vec::new();
 
-    settle().await;
-    let cpu0 = cpu();
-    match load::bulk(sink, duration).await {
-        Ok(b) => {
-            let gbps = b.gbit_per_s();
-            eprintln!(
-                "cl-bench:   bulk: {:.2} Gbit/s ({} MB in {:.2} s)",
-                gbps,
-                b.bytes / 1_000_000,
-                b.secs
-            );
-            sample.gbps = Some(gbps);
-            if let (Some(c0), Some(c1)) = (cpu0, cpu()) {
-                if b.bytes > 0 {
-                    sample.cpu_s_per_gb = Some((c1 - c0) / (b.bytes as f64 / 1e9));
+    for streams in [1, load::BULK_STREAMS] {
+        settle().await;
+        let cpu0 = running.cpu();
+        match load::bulk(sink, duration, streams).await {
+            Ok(b) => {
+                let gbps = b.gbit_per_s();
+                eprintln!(
+                    "cl-bench:   bulk, {streams} stream(s): {gbps:.2} Gbit/s ({} MB in {:.2} s)",
+                    b.bytes / 1_000_000,
+                    b.secs
+                );
+                if streams == 1 {
+                    sample.gbps1 = Some(gbps);
+                    if let (Some(c0), Some(c1)) = (cpu0, running.cpu()) {
+                        if b.bytes > 0 {
+                            sample.cpu_s_per_gb = Some((c1 - c0) / (b.bytes as f64 / 1e9));
+                        }
+                    }
+                } else {
+                    sample.gbps8 = Some(gbps);
                 }
             }
+            Err(e) => errors.push(failed(&format!("bulk with {streams} streams"), e)),
         }
-        Err(e) => errors.push(failed("bulk", e)),
     }
 
     settle().await;
-    let cpu0 = cpu();
+    match load::ping_pong(echo, duration).await {
+        Ok(l) => {
+            let (p50, p99) = (l.percentile_us(0.50), l.percentile_us(0.99));
+            eprintln!(
+                "cl-bench:   ping-pong: {} round trips, p50 {} µs, p99 {} µs",
+                l.0.len(),
+                fmt_opt(p50),
+                fmt_opt(p99)
+            );
+            sample.rtt_p50_us = p50;
+            sample.rtt_p99_us = p99;
+        }
+        Err(e) => errors.push(failed("ping-pong", e)),
+    }
+
+    settle().await;
+    let cpu0 = running.cpu();
     match load::conn_rate(echo, duration).await {
         Ok(r) => {
-            let (p50, p99) = (r.percentile_us(0.50), r.percentile_us(0.99));
+            let (p50, p99) = (
+                r.latencies.percentile_us(0.50),
+                r.latencies.percentile_us(0.99),
+            );
             eprintln!(
-                "cl-bench:   conns: {:.0}/s, p50 {} µs, p99 {} µs, {} errors{}",
+                "cl-bench:   conns: {:.0}/s, setup p50 {} µs, p99 {} µs, {} errors{}",
                 r.conns_per_s(),
-                p50.map_or("-".into(), |v| format!("{v:.0}")),
-                p99.map_or("-".into(), |v| format!("{v:.0}")),
+                fmt_opt(p50),
+                fmt_opt(p99),
                 r.errors,
                 r.first_error
                     .as_deref()
                     .map_or(String::new(), |e| format!(" (first: {e})"))
             );
             sample.conns_per_s = Some(r.conns_per_s());
-            sample.p50_us = p50;
-            sample.p99_us = p99;
+            sample.setup_p50_us = p50;
+            sample.setup_p99_us = p99;
             sample.conn_ok = r.ok;
             sample.conn_errors = r.errors;
-            if let (Some(c0), Some(c1)) = (cpu0, cpu()) {
+            if let (Some(c0), Some(c1)) = (cpu0, running.cpu()) {
                 if r.ok > 0 {
                     sample.cpu_us_per_conn = Some((c1 - c0) * 1e6 / r.ok as f64);
                 }
@@ -282,12 +493,58 @@ async fn one(
         Err(e) => errors.push(failed("connection rate", e)),
     }
 
-    if let Some(p) = &pair {
+    if kind.measures_memory() {
+        settle().await;
+        match memory(&running, echo, plan.idle_connections).await {
+            Ok(m) => sample.memory = Some(m),
+            Err(e) => errors.push(failed("idle connections", e)),
+        }
+    }
+
+    if let Running::Ours(p) = &running {
         diagnostics(p, result).await;
     }
-    drop(pair);
+    drop(running);
     result.failures.extend(errors);
     Ok(sample)
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0}"))
+}
+
+/// RSS of A and B before and while `n` idle tunnelled connections are open.
+async fn memory(running: &Running, echo: SocketAddr, n: usize) -> Result<Memory> {
+    let g = running.gateways();
+    let (Some(a), Some(b)) = (g.first(), g.get(1)) else {
+        bail!("no gateways to measure");
+    };
+    let rss = |m: &Managed| {
+        m.rss_kib()
+            .with_context(|| format!("reading {}'s RSS", m.name))
+    };
+    let (a0, b0) = (rss(a)?, rss(b)?);
+    let conns = load::idle_connections(echo, n).await?;
+    // Let the gateways finish their side of the last setups.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (a1, b1) = (rss(a)?, rss(b)?);
+    let m = Memory {
+        connections: conns.len(),
+        a_before_kib: a0,
+        a_kib: a1,
+        b_before_kib: b0,
+        b_kib: b1,
+    };
+    drop(conns);
+    eprintln!(
+        "cl-bench:   {} idle connections: A {} KiB ({:.1} KiB/conn), B {} KiB ({:.1} KiB/conn)",
+        m.connections,
+        a1,
+        m.a_per_conn(),
+        b1,
+        m.b_per_conn()
+    );
+    Ok(m)
 }
 
 /// A short pause between scenarios, so the previous one's closing connections and
@@ -298,7 +555,7 @@ async fn settle() {
 
 /// What the gateways say about the run: handshakes (1 per run over h2, 1 per
 /// connection over HTTP/1.1), denials, and any warnings they logged.
-async fn diagnostics(p: &Pair, result: &mut ConfigResult) {
+async fn diagnostics(p: &ours::Pair, result: &mut ConfigResult) {
     let (ma, mb) = match (p.a.metrics().await, p.b.metrics().await) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
@@ -351,7 +608,7 @@ async fn diagnostics(p: &Pair, result: &mut ConfigResult) {
             "{denials:.0} authorization denials and {hs_client_err:.0} failed client handshakes"
         ));
     }
-    for g in [&p.a, &p.b] {
+    for g in [&p.a.dp, &p.a.cp, &p.b.dp, &p.b.cp] {
         let lines = g.log_lines();
         if !lines.is_empty() {
             eprintln!(
@@ -367,9 +624,12 @@ async fn diagnostics(p: &Pair, result: &mut ConfigResult) {
     }
 }
 
-/// Warns when the gateway binary is older than the data plane's sources.
-fn warn_if_stale(bin: &Path) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dataplane/src");
+/// Warns when a component binary is older than its crate's sources.
+fn warn_if_stale(bin: &Path, krate: &str) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(krate)
+        .join("src");
     let Ok(bin_time) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
         return;
     };
@@ -383,7 +643,7 @@ fn warn_if_stale(bin: &Path) {
     if newer {
         eprintln!(
             "cl-bench: warning: {} is older than {}; rebuild it with \
-             `cargo build --release -p dataplane` to measure the current code",
+             `cargo build --release -p {krate}` to measure the current code",
             bin.display(),
             src.display()
         );

@@ -12,14 +12,75 @@ use tokio::runtime::Runtime;
 /// Size of the sink's and the echo server's reads.
 const READ_BUF: usize = 256 * 1024;
 
-/// Both target servers and the runtime they run on.
+/// Both target servers and the runtime they run on: in this process, or in a child
+/// process of their own (`cl-bench --serve-targets`), so that their sockets count
+/// against that process's open-file limit rather than the load generator's.
 pub struct Targets {
     pub echo: SocketAddr,
     pub sink: SocketAddr,
     rt: Option<Runtime>,
+    child: Option<std::process::Child>,
 }
 
 impl Targets {
+    /// Starts the targets in a child process running `exe --serve-targets`, which
+    /// prints `echo=ADDR sink=ADDR` and serves until its stdin closes.
+    pub fn spawn(exe: &std::path::Path) -> Result<Self> {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(exe)
+            .arg("--serve-targets")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the target process")?;
+        let mut line = String::new();
+        let read = child
+            .stdout
+            .take()
+            .map(|out| std::io::BufReader::new(out).read_line(&mut line));
+        let parsed = (|| {
+            let mut echo = None;
+            let mut sink = None;
+            for part in line.split_whitespace() {
+                match part.split_once('=') {
+                    Some(("echo", a)) => echo = a.parse().ok(),
+                    Some(("sink", a)) => sink = a.parse().ok(),
+                    _ => {}
+                }
+            }
+            Some((echo?, sink?))
+        })();
+        match (read, parsed) {
+            (Some(Ok(_)), Some((echo, sink))) => Ok(Targets {
+                echo,
+                sink,
+                rt: None,
+                child: Some(child),
+            }),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("the target process did not report its addresses (got {line:?})")
+            }
+        }
+    }
+
+    /// The child's side of `spawn`: serve until stdin closes (the parent exited).
+    pub fn serve_until_stdin_closes(threads: usize) -> Result<()> {
+        use std::io::{Read as _, Write as _};
+        let t = Targets::start(threads)?;
+        println!("echo={} sink={}", t.echo, t.sink);
+        std::io::stdout().flush()?;
+        let mut sink = [0u8; 64];
+        while std::io::stdin()
+            .read(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+        Ok(())
+    }
+
     pub fn start(threads: usize) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
@@ -41,6 +102,7 @@ impl Targets {
             echo: echo_addr,
             sink: sink_addr,
             rt: Some(rt),
+            child: None,
         })
     }
 }
@@ -50,6 +112,10 @@ impl Drop for Targets {
         // Safe from any context, unlike dropping a runtime inside another one.
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
