@@ -55,6 +55,10 @@ struct Args {
     /// Directory of cl-dataplane and cl-controlplane (default: next to cl-bench).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Extra argument for both of our data planes (repeatable), for trying a lever
+    /// without a rebuild, e.g. `--dataplane-arg=--workers=1`.
+    #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
+    dataplane_args: Vec<String>,
     /// Internal: serve the echo and sink targets (the harness runs itself this way).
     #[arg(long, hide = true)]
     serve_targets: bool,
@@ -139,6 +143,8 @@ pub struct Plan {
     pub load_before: Option<String>,
     /// Tool versions and what the harness did to get them.
     pub tool_notes: Vec<String>,
+    /// Extra arguments our data planes ran with (none in a standard run).
+    pub dataplane_args: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -174,6 +180,7 @@ fn real_main(args: Args) -> Result<bool> {
     let bins = Bins {
         dataplane: dir.join("cl-dataplane"),
         controlplane: dir.join("cl-controlplane"),
+        dataplane_args: args.dataplane_args.clone(),
     };
     for bin in [&bins.dataplane, &bins.controlplane] {
         if !bin.is_file() {
@@ -233,6 +240,7 @@ fn real_main(args: Args) -> Result<bool> {
         configs,
         idle_connections,
         tool_notes,
+        dataplane_args: args.dataplane_args.clone(),
     };
     let out = args
         .out

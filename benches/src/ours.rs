@@ -42,6 +42,8 @@ impl Certs {
 pub struct Bins {
     pub dataplane: PathBuf,
     pub controlplane: PathBuf,
+    /// Extra arguments for both data planes.
+    pub dataplane_args: Vec<String>,
 }
 
 /// One peer: its control plane and data plane. Fields drop in order: the data plane
@@ -158,6 +160,19 @@ impl Peer {
                 .args(["--log-level", "warn"]),
             &dir.join("controlplane.log"),
         )?;
+        // The data plane retries until the socket exists, but logs each failure: wait.
+        let until = std::time::Instant::now() + READY_DEADLINE;
+        while !socket.exists() {
+            if std::time::Instant::now() > until {
+                bail!(
+                    "{} did not create {}; its log:\n{}",
+                    cp.name,
+                    socket.display(),
+                    cp.log_excerpt(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let mut dp_cmd = Command::new(&bins.dataplane);
         dp_cmd
             .arg("--gateway-addr")
@@ -177,6 +192,7 @@ impl Peer {
         if force_http1 {
             dp_cmd.arg("--force-http1");
         }
+        dp_cmd.args(&bins.dataplane_args);
         let dp = Managed::spawn(
             &format!("{} data plane", cert.name),
             &mut dp_cmd,

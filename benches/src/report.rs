@@ -355,6 +355,13 @@ pub fn render(plan: &Plan, results: &[ConfigResult], wall: Duration) -> String {
              sharing the cores).\n"
         );
     }
+    if !plan.dataplane_args.is_empty() {
+        let _ = writeln!(
+            out,
+            "Our data planes ran with the extra arguments `{}`.\n",
+            plan.dataplane_args.join(" ")
+        );
+    }
     if !plan.tool_notes.is_empty() {
         let _ = writeln!(out, "Baseline tools: {}.\n", plan.tool_notes.join("; "));
     }

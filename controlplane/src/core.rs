@@ -140,13 +140,14 @@ impl Core {
         lock(&self.health).get(peer).cloned().unwrap_or_default()
     }
 
-    /// Records a heartbeat decision; republishes if anything the data plane sees
-    /// changed.
+    /// Records a heartbeat decision; republishes if anything the data plane sees or
+    /// relies on changed: a peer's tunnel protocol, or its reachability (which load
+    /// balancing reads, so data planes must not keep reusing earlier answers).
     pub fn set_health(&self, peer: &str, h: PeerHealth) {
         let changed = {
             let mut m = lock(&self.health);
             let old = m.insert(peer.to_owned(), h.clone());
-            old.as_ref().map(|o| o.protocol) != Some(h.protocol)
+            old.as_ref().map(|o| (o.protocol, o.reachable)) != Some((h.protocol, h.reachable))
         };
         if changed {
             self.publish();

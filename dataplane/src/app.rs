@@ -171,9 +171,10 @@ pub struct Shared {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub ready: AtomicBool,
-    /// Last allowed egress answer per (import, client IP), used only while the control
-    /// plane is unreachable and only until the answer's token expires.
-    pub last_good: crate::outbound::LastGood,
+    /// Last allowed egress answer per (import, client IP): reused while the snapshot it
+    /// was given under is in force (single-source imports), and as last-known-good
+    /// while the control plane is unreachable, until the answer's token expires.
+    pub egress_cache: crate::outbound::EgressCache,
 }
 
 /// A started gateway.
@@ -259,7 +260,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         connect_timeout,
         handshake_timeout: Duration::from_millis(config_handshake_ms.max(1)),
         ready: AtomicBool::new(false),
-        last_good: Default::default(),
+        egress_cache: Default::default(),
     });
     let dialer = Arc::new(Dialer::new(
         tls,

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub tunnels_open: IntGauge,
     /// Egress authorization round-trip time to the local control plane.
     pub egress_authz_seconds: Histogram,
+    /// Egress decisions by where they came from: the control plane, the data plane's
+    /// cache of its answers, or the last-known-good answer while it is away.
+    pub egress_decisions: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -160,6 +163,12 @@ impl Metrics {
                     "Expiry of the peer certificate in force (Unix seconds)",
                 )
                 .unwrap_or_else(|_| unreachable!()),
+            ),
+            egress_decisions: counter_vec(
+                &r,
+                "clusterlink_egress_decisions_total",
+                "Egress decisions by source (controlplane, cache, last_good)",
+                &["source"],
             ),
             tunnels_open: reg(
                 &r,

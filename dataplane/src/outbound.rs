@@ -1,8 +1,10 @@
 //! Imports: one TCP listener per import of the snapshot in force, reconciled on every
-//! snapshot. Each accepted connection asks the local control plane for egress
-//! authorization (so load balancing and policy act on every connection), opens a
-//! tunnel to the chosen peer and splices. A connection that cannot be authorized or
-//! routed is reset at once, never left hanging.
+//! snapshot. Each accepted connection needs an egress authorization: the local control
+//! plane's answer, reused from the cache below when the import has a single source and
+//! nothing changed since (so there is no control-plane round trip per connection in
+//! steady state), or asked for (so load balancing acts on every connection of a
+//! multi-source import). It then opens a tunnel to the chosen peer and splices. A
+//! connection that cannot be authorized or routed is reset at once, never left hanging.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,31 +22,57 @@ use crate::metrics::ConnGuard;
 use crate::snapshot::Import;
 use crate::tunnel::{self, lock, Dialer, Tunnel};
 
-/// Bound on the last-known-good cache; past it the cache starts over.
-const LAST_GOOD_MAX: usize = 4096;
+/// Bound on the egress cache; past it the cache starts over.
+const EGRESS_CACHE_MAX: usize = 4096;
+/// A cached answer is reused while its token has at least this long to live, so that
+/// the exporting peer never sees a token expire in the middle of a setup.
+const REUSE_MARGIN_MS: i64 = 5_000;
+/// The last-known-good answer is used while its token has at least this long to live.
+const LAST_GOOD_MARGIN_MS: i64 = 500;
 
-/// Last allowed egress answers, by "import|client IP" (see `Shared::last_good`).
+/// Last allowed egress answers, by "import|client IP", with the generation of the
+/// snapshot in force when they were asked for.
+/// - While that snapshot is still in force and the import has one source, the answer
+///   is reused for new connections: the control plane publishes a new snapshot on
+///   every policy, peer or reachability change, which ends the reuse, and a token the
+///   exporting peer refuses is forgotten at once.
+/// - When the control plane is unreachable, the answer is reused whatever the snapshot
+///   (last-known-good) until its token expires; the exporting peer checks it anyway.
 #[derive(Default)]
-pub struct LastGood(Mutex<HashMap<String, v1::EgressResponse>>);
+pub struct EgressCache(Mutex<HashMap<String, (u64, v1::EgressResponse)>>);
 
-impl LastGood {
-    fn remember(&self, key: String, answer: &v1::EgressResponse) {
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl EgressCache {
+    fn remember(&self, key: String, generation: u64, answer: &v1::EgressResponse) {
         let mut m = lock(&self.0);
-        if m.len() >= LAST_GOOD_MAX && !m.contains_key(&key) {
+        if m.len() >= EGRESS_CACHE_MAX && !m.contains_key(&key) {
             m.clear();
         }
-        m.insert(key, answer.clone());
+        m.insert(key, (generation, answer.clone()));
     }
 
-    fn recall(&self, key: &str) -> Option<v1::EgressResponse> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+    /// The answer asked for under snapshot `generation`, if its token lives long enough.
+    fn fresh(&self, key: &str, generation: u64) -> Option<v1::EgressResponse> {
+        let now = now_unix_ms();
         let m = lock(&self.0);
         m.get(key)
-            .filter(|a| a.expires_unix_ms > now_ms + 500)
-            .cloned()
+            .filter(|(g, a)| *g == generation && a.expires_unix_ms > now + REUSE_MARGIN_MS)
+            .map(|(_, a)| a.clone())
+    }
+
+    /// The last answer under any snapshot, if its token is still valid.
+    fn last_good(&self, key: &str) -> Option<v1::EgressResponse> {
+        let now = now_unix_ms();
+        let m = lock(&self.0);
+        m.get(key)
+            .filter(|(_, a)| a.expires_unix_ms > now + LAST_GOOD_MARGIN_MS)
+            .map(|(_, a)| a.clone())
     }
 
     fn forget(&self, key: &str) {
@@ -93,7 +121,8 @@ impl Imports {
         {
             let mut l = lock(&self.listeners);
             l.retain(|k, b| {
-                let keep = snap.imports.get(k) == Some(&b.import);
+                // Only the port needs a new listener; the rest is read per connection.
+                let keep = snap.imports.get(k).map(|i| i.port) == Some(b.import.port);
                 if !keep {
                     tracing::info!(import = %k, "import listener closed");
                     b.task.abort();
@@ -200,37 +229,65 @@ async fn connection(
     };
     // One retry: a token refused by the remote peer (403, or 404: its export is gone) is
     // reported, and a fresh answer asked for (the control plane then fails over).
+    let cache_key = format!("{service}|{}", request.client_ip);
     for attempt in 0..2 {
-        let t = Instant::now();
-        let answer = shared.cp.authorize_egress(request.clone()).await;
-        shared
-            .metrics
-            .egress_authz_seconds
-            .observe(t.elapsed().as_secs_f64());
-        let cache_key = format!("{service}|{}", request.client_ip);
-        let answer = match answer {
-            Ok(a) if a.allowed => {
-                shared.last_good.remember(cache_key.clone(), &a);
-                a
-            }
-            Ok(a) => {
-                tracing::debug!(import = %service, reason = %a.reason, "egress denied");
-                return deny(&mut guard, "policy");
-            }
-            Err(e) => match shared.last_good.recall(&cache_key) {
-                // Last-known-good: the control plane is away, the earlier answer's
-                // token is still valid, and the exporting peer checks it anyway.
-                Some(a) if request.rejected_token.is_empty() => {
-                    tracing::debug!(import = %service, error = %e, "control plane away; using the last answer");
+        let snap = shared.store.load();
+        let reusable = attempt == 0 && snap.imports.get(service).is_some_and(|i| i.sources == 1);
+        let cached = if reusable {
+            shared.egress_cache.fresh(&cache_key, snap.generation)
+        } else {
+            None
+        };
+        let answer = if let Some(a) = cached {
+            shared
+                .metrics
+                .egress_decisions
+                .with_label_values(&["cache"])
+                .inc();
+            a
+        } else {
+            let t = Instant::now();
+            let answer = shared.cp.authorize_egress(request.clone()).await;
+            shared
+                .metrics
+                .egress_authz_seconds
+                .observe(t.elapsed().as_secs_f64());
+            match answer {
+                Ok(a) if a.allowed => {
+                    shared
+                        .metrics
+                        .egress_decisions
+                        .with_label_values(&["controlplane"])
+                        .inc();
+                    shared
+                        .egress_cache
+                        .remember(cache_key.clone(), snap.generation, &a);
                     a
                 }
-                _ => {
-                    tracing::warn!(import = %service, error = %e, "egress authorization unavailable");
-                    return deny(&mut guard, "controlplane_unavailable");
+                Ok(a) => {
+                    tracing::debug!(import = %service, reason = %a.reason, "egress denied");
+                    shared.egress_cache.forget(&cache_key);
+                    return deny(&mut guard, "policy");
                 }
-            },
+                Err(e) => match shared.egress_cache.last_good(&cache_key) {
+                    // Last-known-good: the control plane is away, the earlier answer's
+                    // token is still valid, and the exporting peer checks it anyway.
+                    Some(a) if request.rejected_token.is_empty() => {
+                        tracing::debug!(import = %service, error = %e, "control plane away; using the last answer");
+                        shared
+                            .metrics
+                            .egress_decisions
+                            .with_label_values(&["last_good"])
+                            .inc();
+                        a
+                    }
+                    _ => {
+                        tracing::warn!(import = %service, error = %e, "egress authorization unavailable");
+                        return deny(&mut guard, "controlplane_unavailable");
+                    }
+                },
+            }
         };
-        let snap = shared.store.load();
         let Some(peer) = snap.peers.get(&answer.peer) else {
             tracing::warn!(import = %service, peer = %answer.peer, "egress answer names an unknown peer");
             return deny(&mut guard, "unknown_peer");
@@ -245,7 +302,7 @@ async fn connection(
                     ) =>
             {
                 tracing::debug!(import = %service, %reason, "token refused; asking again");
-                shared.last_good.forget(&cache_key);
+                shared.egress_cache.forget(&cache_key);
                 request.rejected_token = answer.access_token;
                 continue;
             }

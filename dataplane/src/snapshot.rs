@@ -43,11 +43,17 @@ pub struct Import {
     pub name: String,
     /// 0 lets the system pick a free port (tests); the bound port is in /config_dump.
     pub port: u16,
+    /// How many exporting peers the import names. With one, the control plane's answer
+    /// cannot depend on load balancing, so the data plane may reuse it.
+    pub sources: usize,
 }
 
 #[derive(Debug, Default, Serialize)]
 pub struct Snapshot {
     pub version: u64,
+    /// How many snapshots this data plane had applied when it applied this one
+    /// (unlike `version`, which restarts with the control plane, it never repeats).
+    pub generation: u64,
     pub peers: HashMap<String, Peer>,
     /// Keyed by "namespace/name".
     pub exports: HashMap<String, Export>,
@@ -152,6 +158,7 @@ impl Snapshot {
                     out.imports.insert(
                         k,
                         Import {
+                            sources: i.sources.len(),
                             namespace: i.namespace,
                             name: i.name,
                             port,
@@ -187,8 +194,9 @@ impl Store {
         self.current.load_full()
     }
 
-    pub fn swap(&self, s: Snapshot) {
+    pub fn swap(&self, mut s: Snapshot) {
         let version = s.version;
+        s.generation = *self.applied.borrow() + 1;
         self.current.store(Arc::new(s));
         // Count of snapshots applied; listeners reconcile on every change.
         self.applied.send_modify(|n| *n += 1);

@@ -270,3 +270,71 @@ async fn two_hundred_concurrent_connections() -> Result<()> {
     );
     Ok(())
 }
+
+/// Steady state: the control plane is asked once, and later connections of a
+/// single-source import reuse its answer until a new snapshot arrives (the control
+/// plane publishes one on every policy, peer or reachability change). A multi-source
+/// import asks on every connection, so that load balancing acts per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_answers_are_reused_until_the_snapshot_changes() -> Result<()> {
+    let pair = Pair::start(Options::default()).await?;
+    for _ in 0..10 {
+        ensure!(echo_round_trip(pair.import, b"x").await? == b"x");
+    }
+    ensure!(
+        pair.cp_a.egress_calls() == 1,
+        "10 connections made {} egress calls",
+        pair.cp_a.egress_calls()
+    );
+    let m = metrics_of(pair.a()).await?;
+    ensure!(
+        metric(
+            &m,
+            "clusterlink_egress_decisions_total",
+            &["source=\"cache\""]
+        ) == 9.0
+            && metric(
+                &m,
+                "clusterlink_egress_decisions_total",
+                &["source=\"controlplane\""]
+            ) == 1.0,
+        "{m}"
+    );
+
+    let admin = pair.a().admin_addr;
+    let applied = |version: f64| async move {
+        eventually("the new snapshot", T, || async move {
+            let m = http_get(admin, "/metrics").await.ok()?.1;
+            (metric(&m, "clusterlink_snapshot_version", &[]) == version).then_some(())
+        })
+        .await
+    };
+    pair.cp_a.update_snapshot(|_| {});
+    applied(2.0).await?;
+    ensure!(echo_round_trip(pair.import, b"y").await? == b"y");
+    ensure!(
+        pair.cp_a.egress_calls() == 2,
+        "a new snapshot did not end the reuse ({} calls)",
+        pair.cp_a.egress_calls()
+    );
+
+    pair.cp_a.update_snapshot(|s| {
+        s.imports[0]
+            .sources
+            .push(controlplane_api::v1::ImportSource {
+                peer: "peer-c".into(),
+                export_namespace: NS.into(),
+                export_name: SERVICE.into(),
+            })
+    });
+    applied(3.0).await?;
+    for _ in 0..3 {
+        ensure!(echo_round_trip(pair.import, b"z").await? == b"z");
+    }
+    ensure!(
+        pair.cp_a.egress_calls() == 5,
+        "a two-source import reused answers ({} calls, expected 5)",
+        pair.cp_a.egress_calls()
+    );
+    Ok(())
+}
