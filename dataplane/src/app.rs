@@ -262,11 +262,15 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         ready: AtomicBool::new(false),
         egress_cache: Default::default(),
     });
+    let workers = shared.config.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
     let dialer = Arc::new(Dialer::new(
         tls,
         metrics.clone(),
         connect_timeout,
         shared.config.force_http1,
+        workers.max(1),
     ));
     tracing::info!(config = ?shared.config, identity = %shared.tls.borrow().identity, "starting cl-dataplane");
 

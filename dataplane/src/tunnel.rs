@@ -106,6 +106,10 @@ pub struct Dialer {
     h1_peers: Mutex<HashSet<String>>,
     /// Force HTTP/1.1 CONNECT toward every peer (ClusterLink's model; benchmarks).
     force_h1: bool,
+    /// Pooled connections per gateway that concurrent streams are spread over (one per
+    /// runtime worker): one h2 connection is driven by one task, so its framing and
+    /// crypto run on one core at a time.
+    spread: usize,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -120,6 +124,7 @@ impl Dialer {
         metrics: Arc<Metrics>,
         connect_timeout: Duration,
         force_h1: bool,
+        spread: usize,
     ) -> Self {
         Dialer {
             tls,
@@ -131,6 +136,7 @@ impl Dialer {
             failed_until: Mutex::new(HashMap::new()),
             h1_peers: Mutex::new(HashSet::new()),
             force_h1,
+            spread: spread.max(1),
         }
     }
 
@@ -260,10 +266,21 @@ impl Dialer {
     ) -> Result<Result<Arc<Pooled>, TlsStream<TcpStream>>, Error> {
         let key = format!("{}@{gw}", peer.name);
         let generation = self.tls.borrow().generation;
+        // The least busy usable connection; none if every one is busy and there is
+        // room for another (so concurrent streams spread over `spread` connections).
+        let spread = self.spread;
         let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>| {
             let conns = pool.entry(key.clone()).or_default();
             conns.retain(|c| !c.dead.load(Ordering::Relaxed));
-            conns.iter().find(|c| c.usable(generation)).cloned()
+            let usable: Vec<_> = conns.iter().filter(|c| c.usable(generation)).collect();
+            let best = usable
+                .iter()
+                .min_by_key(|c| c.active.load(Ordering::Relaxed))
+                .map(|c| Arc::clone(c));
+            match best {
+                Some(c) if c.active.load(Ordering::Relaxed) > 0 && usable.len() < spread => None,
+                other => other,
+            }
         };
         if let Some(c) = pick(&mut lock(&self.pool)) {
             return Ok(Ok(c));

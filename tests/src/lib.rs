@@ -438,7 +438,9 @@ pub fn gateway_config(files: &PeerFiles, cp: impl std::fmt::Display) -> dataplan
         handshake_timeout_ms: 2000,
         cert_reload_ms: 100,
         force_http1: false,
-        workers: None,
+        // In-process gateways share the test runtime; this sets how many pooled
+        // connections concurrent streams spread over, the same on every machine.
+        workers: Some(2),
         log_level: "info".into(),
     }
 }

@@ -338,3 +338,27 @@ async fn egress_answers_are_reused_until_the_snapshot_changes() -> Result<()> {
     );
     Ok(())
 }
+
+/// Concurrent streams spread over as many pooled connections as the gateway has
+/// runtime workers (2 in tests), and no more: one h2 connection is driven by one task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_spread_over_one_connection_per_worker() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pair = Pair::start(Options::default()).await?;
+    let mut held = Vec::new();
+    for i in 0..5u8 {
+        let mut c = tokio::net::TcpStream::connect(pair.import).await?;
+        c.write_all(&[i]).await?;
+        let mut b = [0u8; 1];
+        tokio::time::timeout(T, c.read_exact(&mut b)).await??;
+        ensure!(b == [i]);
+        held.push(c);
+    }
+    let m = metrics_of(pair.a()).await?;
+    ensure!(
+        metric(&m, "clusterlink_tunnels_open", &[]) == 2.0,
+        "5 concurrent streams with 2 workers should use 2 pooled connections:\n{m}"
+    );
+    drop(held);
+    Ok(())
+}
