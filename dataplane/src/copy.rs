@@ -6,6 +6,7 @@
 //! A buffer is allocated only once the socket is readable, so idle connections hold none.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::poll_fn;
@@ -68,12 +69,22 @@ pub async fn splice_h2(
     recv: RecvStream,
     counters: &Counters,
 ) -> End {
+    // Set when the receiving half has ended cleanly; only then does the sending half
+    // watch for a reset of the stream (while receiving, a reset ends the receiving half).
+    let recv_done = AtomicBool::new(false);
     let result = {
         let (r, w) = tcp.split();
-        tokio::try_join!(
-            tcp_to_h2(r, send, &counters.up),
-            h2_to_tcp(recv, w, &counters.down)
-        )
+        tokio::try_join!(tcp_to_h2(r, send, &counters.up, &recv_done), async {
+            h2_to_tcp(recv, w, &counters.down).await?;
+            recv_done.store(true, Ordering::Relaxed);
+            // Poll the sending half again, so that it starts watching.
+            poll_fn(|cx| {
+                cx.waker().wake_by_ref();
+                std::task::Poll::Ready(())
+            })
+            .await;
+            Ok(())
+        })
     };
     match result {
         Ok(_) => End::Eof,
@@ -89,6 +100,7 @@ async fn tcp_to_h2(
     r: ReadHalf<'_>,
     mut send: SendStream<Bytes>,
     counter: &IntCounter,
+    recv_done: &AtomicBool,
 ) -> Result<(), Failure> {
     loop {
         tokio::select! {
@@ -96,8 +108,14 @@ async fn tcp_to_h2(
                 send.send_reset(Reason::CANCEL);
                 return Err(Failure::Local);
             },
-            // The remote reset the stream while the local side is idle.
-            _ = poll_fn(|cx| send.poll_reset(cx)) => return Err(Failure::Remote),
+            // The remote reset the stream while the local side is idle and nothing is
+            // being received. Not watched before: h2 wakes the watcher on every
+            // capacity change, which would cost a task wake-up per frame sent.
+            _ = poll_fn(|cx| if recv_done.load(Ordering::Relaxed) {
+                send.poll_reset(cx)
+            } else {
+                std::task::Poll::Pending
+            }) => return Err(Failure::Remote),
         }
         let mut buf = BytesMut::with_capacity(READ_SIZE);
         match r.try_read_buf(&mut buf) {
