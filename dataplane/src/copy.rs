@@ -17,7 +17,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 /// Size of one read from a socket. Large reads mean fewer syscalls and full 16 KiB TLS
-/// records; see benches/README.md for the measurement behind the number.
+/// records. Not varied by a measurement yet (benches/README.md lists the levers tried).
 pub const READ_SIZE: usize = 64 * 1024;
 
 /// How a relayed connection ended.
