@@ -316,7 +316,11 @@ impl Pair {
                 if let Some(status) = exited {
                     return Some(Err(status));
                 }
-                crate::load::echo_once(echo).await.ok().map(Ok)
+                tokio::time::timeout(crate::load::OP_TIMEOUT, crate::load::echo_once(echo))
+                    .await
+                    .ok()?
+                    .ok()
+                    .map(Ok)
             }
         })
         .await;

@@ -20,8 +20,8 @@ pub const MESSAGE: usize = 64;
 const BULK_WRITE: usize = 256 * 1024;
 /// How long past its duration a scenario may take (draining, the sink's answer).
 const GRACE: Duration = Duration::from_secs(30);
-/// Bound on one connect + echo in the connection-rate scenario.
-const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one connect + echo (connection-rate scenario, start-up checks).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Bulk {
     /// Bytes the sink confirmed.
@@ -45,12 +45,15 @@ impl Bulk {
 /// Throughput counts every byte confirmed, over the time until the last confirmation.
 pub async fn bulk(addr: SocketAddr, duration: Duration, streams: usize) -> Result<Bulk> {
     let start = Instant::now();
-    let tasks: Vec<_> = (0..streams.max(1))
-        .map(|_| tokio::spawn(bulk_one(addr, duration)))
-        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..streams.max(1) {
+        tasks.spawn(bulk_one(addr, duration));
+    }
     let mut bytes = 0;
-    for t in tasks {
-        bytes += t.await.context("a bulk stream panicked")??;
+    // On the first failure the JoinSet is dropped, which aborts the other streams, so
+    // that none of them writes into the next scenario.
+    while let Some(done) = tasks.join_next().await {
+        bytes += done.context("a bulk stream panicked")??;
     }
     Ok(Bulk {
         bytes,

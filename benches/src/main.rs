@@ -200,9 +200,11 @@ fn real_main(args: Args) -> Result<bool> {
         );
     }
     let configs = if !args.configs.is_empty() {
-        let mut c = args.configs.clone();
-        c.dedup();
-        c
+        // Each once, in the standard order.
+        Kind::ALL
+            .into_iter()
+            .filter(|k| args.configs.contains(k))
+            .collect()
     } else if args.smoke {
         vec![Kind::Direct, Kind::OursH2, Kind::OursHttp1]
     } else {
@@ -561,8 +563,9 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
-/// What the gateways say about the run: handshakes (1 per run over h2, 1 per
-/// connection over HTTP/1.1), denials, and any warnings they logged.
+/// What the gateways say about the run: handshakes (over h2 one per pooled connection:
+/// a few per run; over HTTP/1.1 one per connection), denials, and any warnings they
+/// logged.
 async fn diagnostics(p: &ours::Pair, result: &mut ConfigResult) {
     let (ma, mb) = match (p.a.metrics().await, p.b.metrics().await) {
         (Ok(a), Ok(b)) => (a, b),

@@ -319,7 +319,10 @@ impl Pair {
         // The import listens once A has its snapshot; the first connection may also
         // wait for B's heartbeat to mark the peer reachable.
         tests::eventually("an echo through the tunnel", READY_DEADLINE, || async {
-            crate::load::echo_once(pair.echo).await.ok()
+            tokio::time::timeout(crate::load::OP_TIMEOUT, crate::load::echo_once(pair.echo))
+                .await
+                .ok()?
+                .ok()
         })
         .await
         .map_err(|e| {

@@ -1,8 +1,10 @@
 //! Child processes of the harness (gateways, control planes, baseline proxies): started
 //! with their output in a log file, measured through /proc (CPU time and RSS of the
 //! whole process tree, since nginx runs its workers as children of a master), and
-//! stopped on drop: SIGTERM to the process, then SIGKILL to every process of its tree
-//! that is still there. Nothing is ever killed by name.
+//! stopped on drop: SIGTERM to its process group (each child leads one of its own),
+//! then SIGKILL to whatever of the group is left, orphaned workers included. Signals go
+//! to the group, never to a raw PID that may have been reaped and reused; nothing is
+//! ever killed by name.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 /// How long a process gets between SIGTERM and SIGKILL.
@@ -37,6 +39,8 @@ impl Managed {
                 cmd.env_remove(k);
             }
         }
+        // Its own process group, so that drop can signal it and its workers together.
+        std::os::unix::process::CommandExt::process_group(cmd, 0);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
@@ -89,8 +93,10 @@ impl Managed {
 
 impl Drop for Managed {
     fn drop(&mut self) {
-        let pids = tree(self.pid());
-        let _ = kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM);
+        // The group's ID is the child's PID; Linux does not reuse a PID while a group
+        // of that ID has members, so this reaches only the child's own processes.
+        let group = Pid::from_raw(self.pid() as i32);
+        let _ = killpg(group, Signal::SIGTERM);
         let end = Instant::now() + TERM_GRACE;
         while Instant::now() < end {
             if self.child.try_wait().ok().flatten().is_some() {
@@ -98,12 +104,8 @@ impl Drop for Managed {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        // Whatever is left (a master that ignored TERM, orphaned workers).
-        for p in pids.iter().rev() {
-            if std::path::Path::new(&format!("/proc/{p}")).exists() {
-                let _ = kill(Pid::from_raw(*p as i32), Signal::SIGKILL);
-            }
-        }
+        // Whatever is left: a master that ignored TERM, orphaned workers.
+        let _ = killpg(group, Signal::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

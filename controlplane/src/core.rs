@@ -141,13 +141,15 @@ impl Core {
     }
 
     /// Records a heartbeat decision; republishes if anything the data plane sees or
-    /// relies on changed: a peer's tunnel protocol, or its reachability (which load
-    /// balancing reads, so data planes must not keep reusing earlier answers).
+    /// relies on changed: a peer's tunnel protocol, its reachability (load balancing
+    /// reads it) or its labels (policies match them), so that data planes do not keep
+    /// reusing answers given before.
     pub fn set_health(&self, peer: &str, h: PeerHealth) {
         let changed = {
             let mut m = lock(&self.health);
             let old = m.insert(peer.to_owned(), h.clone());
-            old.as_ref().map(|o| (o.protocol, o.reachable)) != Some((h.protocol, h.reachable))
+            old.as_ref().map(|o| (o.protocol, o.reachable, &o.labels))
+                != Some((h.protocol, h.reachable, &h.labels))
         };
         if changed {
             self.publish();

@@ -69,22 +69,16 @@ pub async fn splice_h2(
     recv: RecvStream,
     counters: &Counters,
 ) -> End {
-    // Set when the receiving half has ended cleanly; only then does the sending half
-    // watch for a reset of the stream (while receiving, a reset ends the receiving half).
-    let recv_done = AtomicBool::new(false);
+    // Set while the receiving half is not waiting in `recv.data()` (it has ended, or it
+    // is blocked writing to a slow local side): only then does the sending half watch
+    // for a reset of the stream, since a waiting `recv.data()` sees a reset itself.
+    let watch_reset = AtomicBool::new(false);
     let result = {
         let (r, w) = tcp.split();
-        tokio::try_join!(tcp_to_h2(r, send, &counters.up, &recv_done), async {
-            h2_to_tcp(recv, w, &counters.down).await?;
-            recv_done.store(true, Ordering::Relaxed);
-            // Poll the sending half again, so that it starts watching.
-            poll_fn(|cx| {
-                cx.waker().wake_by_ref();
-                std::task::Poll::Ready(())
-            })
-            .await;
-            Ok(())
-        })
+        tokio::try_join!(
+            tcp_to_h2(r, send, &counters.up, &watch_reset),
+            h2_to_tcp(recv, w, &counters.down, &watch_reset)
+        )
     };
     match result {
         Ok(_) => End::Eof,
@@ -100,7 +94,7 @@ async fn tcp_to_h2(
     r: ReadHalf<'_>,
     mut send: SendStream<Bytes>,
     counter: &IntCounter,
-    recv_done: &AtomicBool,
+    watch_reset: &AtomicBool,
 ) -> Result<(), Failure> {
     loop {
         tokio::select! {
@@ -108,10 +102,10 @@ async fn tcp_to_h2(
                 send.send_reset(Reason::CANCEL);
                 return Err(Failure::Local);
             },
-            // The remote reset the stream while the local side is idle and nothing is
-            // being received. Not watched before: h2 wakes the watcher on every
-            // capacity change, which would cost a task wake-up per frame sent.
-            _ = poll_fn(|cx| if recv_done.load(Ordering::Relaxed) {
+            // The remote reset the stream while the local side is idle and the
+            // receiving half is not waiting for data. Not watched otherwise: h2 wakes
+            // the watcher on every capacity change, a task wake-up per frame sent.
+            _ = poll_fn(|cx| if watch_reset.load(Ordering::Relaxed) {
                 send.poll_reset(cx)
             } else {
                 std::task::Poll::Pending
@@ -155,18 +149,43 @@ async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), F
     Ok(())
 }
 
+/// Asks the sending half (polled by the same task) to watch for a stream reset, and
+/// makes the task poll it again so that it starts at once.
+async fn start_watching(watch_reset: &AtomicBool) {
+    watch_reset.store(true, Ordering::Relaxed);
+    poll_fn(|cx| {
+        cx.waker().wake_by_ref();
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
 async fn h2_to_tcp(
     mut recv: RecvStream,
     mut w: WriteHalf<'_>,
     counter: &IntCounter,
+    watch_reset: &AtomicBool,
 ) -> Result<(), Failure> {
     loop {
         match recv.data().await {
             Some(Ok(data)) => {
                 let n = data.len();
-                if w.write_all(&data).await.is_err() {
-                    // The local side is gone: tell the remote to stop sending.
-                    return Err(Failure::Local);
+                // Usually the socket takes it all at once.
+                let done = match w.try_write(&data) {
+                    Ok(k) => k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(_) => return Err(Failure::Local),
+                };
+                if done < n {
+                    // The local side is slow, and `recv` is not polled while we wait
+                    // for it: let the sending half notice a reset meanwhile.
+                    start_watching(watch_reset).await;
+                    let written = w.write_all(&data[done..]).await;
+                    watch_reset.store(false, Ordering::Relaxed);
+                    if written.is_err() {
+                        // The local side is gone: tell the remote to stop sending.
+                        return Err(Failure::Local);
+                    }
                 }
                 counter.inc_by(n as u64);
                 let _ = recv.flow_control().release_capacity(n);
@@ -175,6 +194,7 @@ async fn h2_to_tcp(
             None => {
                 // END_STREAM from the remote: FIN to the local side, keep sending.
                 let _ = w.shutdown().await;
+                start_watching(watch_reset).await;
                 return Ok(());
             }
         }
@@ -1016,6 +1036,35 @@ mod tests {
             assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
             assert_eq!(c.up.get(), 0);
             assert_eq!(c.down.get(), 4);
+            Ok(())
+        })
+        .await?
+    }
+
+    /// The remote resets the stream while the local client reads nothing, so the copy
+    /// loop is blocked writing to it: the reset must still end the splice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn h2_remote_reset_while_the_local_side_does_not_read() -> anyhow::Result<()> {
+        timeout(TIMEOUT, async {
+            let c = counters()?;
+            let (peer, tcp) = tcp_pair().await?;
+            socket2::SockRef::from(&peer).set_recv_buffer_size(4096)?;
+            socket2::SockRef::from(&tcp).set_send_buffer_size(4096)?;
+            let mut s = h2_stream(None).await?;
+            let splice = spawn_h2(tcp, s.send, s.recv, &c);
+            // Send until flow control stalls: the copy loop stops releasing window once
+            // its write to the local socket blocks.
+            let chunk = Bytes::from(vec![7u8; 16 * 1024]);
+            loop {
+                let sent = far_send(&mut s.far_send, chunk.clone(), false);
+                match tokio::time::timeout(Duration::from_millis(500), sent).await {
+                    Ok(r) => r?,
+                    Err(_) => break,
+                }
+            }
+            s.far_send.send_reset(h2::Reason::CANCEL);
+            assert_eq!(splice.await?, End::RemoteReset);
+            drop(peer);
             Ok(())
         })
         .await?

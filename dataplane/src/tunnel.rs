@@ -269,6 +269,7 @@ impl Dialer {
         // The least busy usable connection; none if every one is busy and there is
         // room for another (so concurrent streams spread over `spread` connections).
         let spread = self.spread;
+        // (least busy usable connection, whether another one should be made instead)
         let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>| {
             let conns = pool.entry(key.clone()).or_default();
             conns.retain(|c| !c.dead.load(Ordering::Relaxed));
@@ -277,12 +278,12 @@ impl Dialer {
                 .iter()
                 .min_by_key(|c| c.active.load(Ordering::Relaxed))
                 .map(|c| Arc::clone(c));
-            match best {
-                Some(c) if c.active.load(Ordering::Relaxed) > 0 && usable.len() < spread => None,
-                other => other,
-            }
+            let grow = best
+                .as_ref()
+                .is_none_or(|c| c.active.load(Ordering::Relaxed) > 0 && usable.len() < spread);
+            (best, grow)
         };
-        if let Some(c) = pick(&mut lock(&self.pool)) {
+        if let (Some(c), false) = pick(&mut lock(&self.pool)) {
             return Ok(Ok(c));
         }
         let gate = lock(&self.connecting)
@@ -290,9 +291,32 @@ impl Dialer {
             .or_default()
             .clone();
         let _gate = gate.lock().await;
-        if let Some(c) = pick(&mut lock(&self.pool)) {
-            return Ok(Ok(c));
+        let fallback = match pick(&mut lock(&self.pool)) {
+            (Some(c), false) => return Ok(Ok(c)),
+            (best, true) => best,
+            (None, false) => None,
+        };
+        // Growing the pool is an optimisation: if it fails, a busy connection that
+        // works still carries the stream, and the gateway is not marked failed.
+        let grown = self.dial_h2(peer, gw, &key, generation).await;
+        match (grown, fallback) {
+            (Err(e), Some(c)) => {
+                tracing::debug!(gateway = %gw, error = %e, "extra pooled connection failed; using a busy one");
+                Ok(Ok(c))
+            }
+            (grown, _) => grown,
         }
+    }
+
+    /// Dials and handshakes a new pooled h2 connection and adds it to the pool (or
+    /// returns the TLS connection for HTTP/1.1 if the peer does not speak h2).
+    async fn dial_h2(
+        &self,
+        peer: &Peer,
+        gw: &str,
+        key: &str,
+        generation: u64,
+    ) -> Result<Result<Arc<Pooled>, TlsStream<TcpStream>>, Error> {
         let tls = self.dial_tls(peer, gw, true).await?;
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             // The peer does not speak h2: use this connection for HTTP/1.1 CONNECT.
@@ -332,7 +356,7 @@ impl Dialer {
             generation,
         });
         lock(&self.pool)
-            .entry(key)
+            .entry(key.to_owned())
             .or_default()
             .push(pooled.clone());
         Ok(Ok(pooled))
