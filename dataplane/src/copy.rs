@@ -8,7 +8,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use futures_util::future::poll_fn;
 use h2::{Reason, RecvStream, SendStream};
 use prometheus::IntCounter;
@@ -33,20 +33,19 @@ pub const READ_SIZE: usize = 64 * 1024;
 const DATA_PHASE: usize = 64;
 const PAGE: usize = 4096;
 
-/// How far into `buf` data must start to sit at `DATA_PHASE` modulo `PAGE`.
-fn phase_offset(buf: &[u8]) -> usize {
-    (DATA_PHASE + PAGE - (buf.as_ptr() as usize % PAGE)) % PAGE
+/// How far past `at` data must start to sit at `DATA_PHASE` modulo `PAGE`.
+fn phase_offset(at: *const u8) -> usize {
+    (DATA_PHASE + PAGE - (at as usize % PAGE)) % PAGE
 }
 
 /// An empty buffer of at least `READ_SIZE` bytes of capacity whose data starts at
-/// `DATA_PHASE` modulo `PAGE`.
+/// `DATA_PHASE` modulo `PAGE`: one allocation, and `advance` only moves its start.
 fn phased_buf() -> BytesMut {
     let mut buf = BytesMut::with_capacity(READ_SIZE + PAGE);
-    buf.resize(PAGE, 0);
-    let off = phase_offset(&buf);
-    let mut data = buf.split_off(off);
-    data.clear();
-    data
+    let off = phase_offset(buf.as_ptr());
+    buf.put_bytes(0, off);
+    buf.advance(off);
+    buf
 }
 
 /// How a relayed connection ended.
@@ -260,7 +259,7 @@ async fn tcp_to_io<W: AsyncWrite + Unpin>(
     counter: &IntCounter,
 ) -> Result<(), Failure> {
     let mut whole = vec![0u8; READ_SIZE + PAGE];
-    let off = phase_offset(&whole);
+    let off = phase_offset(whole.as_ptr());
     let buf = &mut whole[off..off + READ_SIZE];
     let mut r = r;
     loop {
@@ -1081,7 +1080,7 @@ mod tests {
             assert!(b.is_empty());
         }
         let whole = vec![0u8; READ_SIZE + PAGE];
-        let off = phase_offset(&whole);
+        let off = phase_offset(whole.as_ptr());
         assert!(off + READ_SIZE <= whole.len());
         assert_eq!(whole[off..].as_ptr() as usize % PAGE, DATA_PHASE);
     }
