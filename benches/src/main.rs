@@ -59,6 +59,10 @@ struct Args {
     /// without a rebuild, e.g. `--dataplane-arg=--workers=1`.
     #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
     dataplane_args: Vec<String>,
+    /// Scenarios to run (repeatable; default: all). For profiling one scenario with a
+    /// long --duration-secs; a partial run's table leaves the other columns empty.
+    #[arg(long = "scenario", value_enum)]
+    scenarios: Vec<Scenario>,
     /// Internal: serve the echo and sink targets (the harness runs itself this way).
     #[arg(long, hide = true)]
     serve_targets: bool,
@@ -135,7 +139,24 @@ impl Kind {
     }
 }
 
+/// The measurements of one configuration run, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Bulk throughput on one connection (and CPU-s/GB).
+    Bulk1,
+    /// Bulk throughput on 8 connections.
+    Bulk8,
+    /// 64 B ping-pong on one established connection.
+    PingPong,
+    /// New connections per second (and CPU µs per connection).
+    ConnRate,
+    /// RSS with many idle tunnelled connections (ours-h2 only).
+    Memory,
+}
+
 pub struct Plan {
+    /// The scenarios this run measures (all, unless --scenario was given).
+    pub scenarios: Vec<Scenario>,
     pub duration: Duration,
     pub runs: usize,
     pub configs: Vec<Kind>,
@@ -232,6 +253,17 @@ fn real_main(args: Args) -> Result<bool> {
     let mut tool_notes = tools.notes.clone();
     tool_notes.extend(tools.versions());
     let plan = Plan {
+        scenarios: if args.scenarios.is_empty() {
+            vec![
+                Scenario::Bulk1,
+                Scenario::Bulk8,
+                Scenario::PingPong,
+                Scenario::ConnRate,
+                Scenario::Memory,
+            ]
+        } else {
+            args.scenarios.clone()
+        },
         load_before: report::load_average(),
         duration: Duration::from_secs(
             args.duration_secs
@@ -287,7 +319,7 @@ fn real_main(args: Args) -> Result<bool> {
     Ok(results
         .iter()
         .filter(|r| r.skipped.is_none())
-        .all(ConfigResult::carried_traffic))
+        .all(|r| r.carried_traffic(&plan.scenarios)))
 }
 
 async fn run(
@@ -422,7 +454,10 @@ async fn one(
     };
     let mut errors = Vec::new();
 
-    for streams in [1, load::BULK_STREAMS] {
+    for (streams, scenario) in [(1, Scenario::Bulk1), (load::BULK_STREAMS, Scenario::Bulk8)] {
+        if !plan.scenarios.contains(&scenario) {
+            continue;
+        }
         settle().await;
         let cpu0 = running.cpu();
         match load::bulk(sink, duration, streams).await {
@@ -448,62 +483,66 @@ async fn one(
         }
     }
 
-    settle().await;
-    match load::ping_pong(echo, duration).await {
-        Ok(l) => {
-            let (p50, p99) = (l.percentile_us(0.50), l.percentile_us(0.99));
-            eprintln!(
-                "cl-bench:   ping-pong: {} round trips, p50 {} µs, p99 {} µs",
-                l.0.len(),
-                fmt_opt(p50),
-                fmt_opt(p99)
-            );
-            sample.rtt_p50_us = p50;
-            sample.rtt_p99_us = p99;
+    if plan.scenarios.contains(&Scenario::PingPong) {
+        settle().await;
+        match load::ping_pong(echo, duration).await {
+            Ok(l) => {
+                let (p50, p99) = (l.percentile_us(0.50), l.percentile_us(0.99));
+                eprintln!(
+                    "cl-bench:   ping-pong: {} round trips, p50 {} µs, p99 {} µs",
+                    l.0.len(),
+                    fmt_opt(p50),
+                    fmt_opt(p99)
+                );
+                sample.rtt_p50_us = p50;
+                sample.rtt_p99_us = p99;
+            }
+            Err(e) => errors.push(failed("ping-pong", e)),
         }
-        Err(e) => errors.push(failed("ping-pong", e)),
     }
 
-    settle().await;
-    let cpu0 = running.cpu();
-    match load::conn_rate(echo, duration).await {
-        Ok(r) => {
-            let (p50, p99) = (
-                r.latencies.percentile_us(0.50),
-                r.latencies.percentile_us(0.99),
-            );
-            eprintln!(
-                "cl-bench:   conns: {:.0}/s, setup p50 {} µs, p99 {} µs, {} errors{}",
-                r.conns_per_s(),
-                fmt_opt(p50),
-                fmt_opt(p99),
-                r.errors,
-                r.first_error
-                    .as_deref()
-                    .map_or(String::new(), |e| format!(" (first: {e})"))
-            );
-            sample.conns_per_s = Some(r.conns_per_s());
-            sample.setup_p50_us = p50;
-            sample.setup_p99_us = p99;
-            sample.conn_ok = r.ok;
-            sample.conn_errors = r.errors;
-            if let (Some(c0), Some(c1)) = (cpu0, running.cpu()) {
-                if r.ok > 0 {
-                    sample.cpu_us_per_conn = Some((c1 - c0) * 1e6 / r.ok as f64);
+    if plan.scenarios.contains(&Scenario::ConnRate) {
+        settle().await;
+        let cpu0 = running.cpu();
+        match load::conn_rate(echo, duration).await {
+            Ok(r) => {
+                let (p50, p99) = (
+                    r.latencies.percentile_us(0.50),
+                    r.latencies.percentile_us(0.99),
+                );
+                eprintln!(
+                    "cl-bench:   conns: {:.0}/s, setup p50 {} µs, p99 {} µs, {} errors{}",
+                    r.conns_per_s(),
+                    fmt_opt(p50),
+                    fmt_opt(p99),
+                    r.errors,
+                    r.first_error
+                        .as_deref()
+                        .map_or(String::new(), |e| format!(" (first: {e})"))
+                );
+                sample.conns_per_s = Some(r.conns_per_s());
+                sample.setup_p50_us = p50;
+                sample.setup_p99_us = p99;
+                sample.conn_ok = r.ok;
+                sample.conn_errors = r.errors;
+                if let (Some(c0), Some(c1)) = (cpu0, running.cpu()) {
+                    if r.ok > 0 {
+                        sample.cpu_us_per_conn = Some((c1 - c0) * 1e6 / r.ok as f64);
+                    }
+                }
+                if let Some(e) = r.first_error {
+                    result.notes.push(format!(
+                        "{} failed connection cycles of {}; first: {e}",
+                        r.errors,
+                        r.ok + r.errors
+                    ));
                 }
             }
-            if let Some(e) = r.first_error {
-                result.notes.push(format!(
-                    "{} failed connection cycles of {}; first: {e}",
-                    r.errors,
-                    r.ok + r.errors
-                ));
-            }
+            Err(e) => errors.push(failed("connection rate", e)),
         }
-        Err(e) => errors.push(failed("connection rate", e)),
     }
 
-    if kind.measures_memory() {
+    if kind.measures_memory() && plan.scenarios.contains(&Scenario::Memory) {
         settle().await;
         match memory(&running, echo, plan.idle_connections).await {
             Ok(m) => sample.memory = Some(m),
