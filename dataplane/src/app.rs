@@ -241,6 +241,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     )?;
     let cp = ControlPlane::new(&config.controlplane)?;
     let gateway = bind("gateway port", config.gateway_addr).await?;
+    crate::tunnel::tune_listener(&gateway);
     let admin = bind("admin port", config.admin_addr).await?;
     let gateway_addr = gateway.local_addr().unwrap_or(config.gateway_addr);
     let admin_addr = admin.local_addr().unwrap_or(config.admin_addr);

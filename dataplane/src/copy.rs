@@ -5,8 +5,10 @@
 //! handed to h2 as `Bytes`, so the only copy left is the one TLS makes when it encrypts.
 //! A buffer is allocated only once the socket is readable, so idle connections hold none.
 
-use std::io;
+use std::io::{self, Read as _};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use futures_util::future::poll_fn;
@@ -15,6 +17,7 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
 
 /// Size of one read from a socket. Large reads mean fewer syscalls and full 16 KiB TLS
 /// records. Not varied by a measurement yet (benches/README.md lists the levers tried).
@@ -46,6 +49,29 @@ fn phased_buf() -> BytesMut {
     buf.put_bytes(0, off);
     buf.advance(off);
     buf
+}
+
+/// Most bytes read from a client before its tunnel exists (`read_early`).
+pub const EARLY_MAX: usize = 16 * 1024;
+
+/// What the local side has already sent, read without waiting: empty when nothing has
+/// arrived yet (or only a FIN, which the copy loop reads later). Bypasses tokio's
+/// readiness, which a socket accepted a moment ago has not been told yet.
+pub fn read_early(tcp: &TcpStream) -> io::Result<Bytes> {
+    let mut buf = [0u8; EARLY_MAX];
+    let sock = socket2::SockRef::from(tcp);
+    match (&*sock).read(&mut buf) {
+        Ok(n) => Ok(Bytes::copy_from_slice(&buf[..n])),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(Bytes::new())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// How a relayed connection ended.
@@ -119,7 +145,7 @@ pub async fn splice_h2(
 }
 
 async fn tcp_to_h2(
-    r: ReadHalf<'_>,
+    mut r: ReadHalf<'_>,
     mut send: SendStream<Bytes>,
     counter: &IntCounter,
     watch_reset: &AtomicBool,
@@ -140,7 +166,16 @@ async fn tcp_to_h2(
             }) => return Err(Failure::Remote),
         }
         let mut buf = phased_buf();
-        match r.try_read_buf(&mut buf) {
+        // One poll of the read, with the readiness just reported: it reads at once, and
+        // a short read clears the readiness (tokio's poll_read does), so the next turn
+        // waits in `readable()` instead of spending a read on WouldBlock: one syscall
+        // less per message, on the latency path.
+        let read = poll_fn(|cx| match poll_read_buf(Pin::new(&mut r), cx, &mut buf) {
+            Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+            Poll::Ready(res) => Poll::Ready(res),
+        })
+        .await;
+        match read {
             Ok(0) => {
                 // FIN from the local side: END_STREAM, keep receiving.
                 return send
@@ -196,6 +231,9 @@ async fn h2_to_tcp(
 ) -> Result<(), Failure> {
     loop {
         match recv.data().await {
+            // The END_STREAM of a peer that half-closes comes as an empty DATA frame:
+            // nothing to write (a zero-length send is still a syscall).
+            Some(Ok(data)) if data.is_empty() => {}
             Some(Ok(data)) => {
                 let n = data.len();
                 // Usually the socket takes it all at once.

@@ -54,7 +54,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
 }
 
 async fn connection(tcp: TcpStream, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
-    tunnel::tune(&tcp);
+    tunnel::tune_accepted(&tcp);
     let material = shared.tls.borrow().clone();
     let acceptor = TlsAcceptor::from(material.server.clone());
     let tls = match tokio::time::timeout(shared.handshake_timeout, acceptor.accept(tcp)).await {

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use bytes::Bytes;
 use controlplane_api::v1;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -138,6 +139,7 @@ impl Imports {
         for (k, import) in to_bind {
             match TcpListener::bind((self.bind, import.port)).await {
                 Ok(listener) => {
+                    tunnel::tune_listener(&listener);
                     let addr = listener
                         .local_addr()
                         .unwrap_or(SocketAddr::new(self.bind, import.port));
@@ -209,7 +211,7 @@ async fn connection(
 ) {
     let start = Instant::now();
     let _track = shared.tracker.track();
-    tunnel::tune(&client);
+    tunnel::tune_accepted(&client);
     let mut guard = ConnGuard::new(&shared.metrics, "outbound", service);
     let (namespace, name) = service.split_once('/').unwrap_or(("", service));
     let mut request = v1::EgressRequest {
@@ -227,6 +229,9 @@ async fn connection(
         guard.set_reason("denied");
         copy::reset_on_drop(&client);
     };
+    // What the client sent before its tunnel exists, read once, just before the first
+    // attempt (the authorization decision gave it time to arrive).
+    let mut early: Option<Bytes> = None;
     // One retry: a token refused by the remote peer (403, or 404: its export is gone) is
     // reported, and a fresh answer asked for (the control plane then fails over).
     let cache_key = format!("{service}|{}", request.client_ip);
@@ -292,7 +297,20 @@ async fn connection(
             tracing::warn!(import = %service, peer = %answer.peer, "egress answer names an unknown peer");
             return deny(&mut guard, "unknown_peer");
         };
-        let tunnel = match dialer.open(peer, &answer.access_token).await {
+        // It goes out with the CONNECT request (see Dialer::open). A client that is
+        // already gone ends here.
+        let first = match &early {
+            Some(b) => b.clone(),
+            None => match copy::read_early(&client) {
+                Ok(b) => b,
+                Err(_) => {
+                    guard.set_reason(copy::End::LocalReset.reason());
+                    return;
+                }
+            },
+        };
+        early = Some(first.clone());
+        let tunnel = match dialer.open(peer, &answer.access_token, &first).await {
             Ok(t) => t,
             Err(tunnel::Error::Refused { status, reason, .. })
                 if attempt == 0
@@ -327,6 +345,7 @@ async fn connection(
             up: guard.to_target.clone(),
             down: guard.from_target.clone(),
         };
+        counters.up.inc_by(first.len() as u64);
         let end = match tunnel {
             Tunnel::H2 { send, recv, lease } => {
                 let end = shared

@@ -19,7 +19,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -48,6 +48,10 @@ pub enum Error {
     NoGateways(String),
     #[error("gateway {gateway}: {reason}")]
     Gateway { gateway: String, reason: String },
+    /// The tunnel failed after the client's first bytes went out with the request:
+    /// not retried, so that they cannot reach the target twice.
+    #[error("gateway {gateway}: {reason} (after the first bytes were sent; not retried)")]
+    Interrupted { gateway: String, reason: String },
     #[error("gateway refused the tunnel: {status} {reason}")]
     Refused {
         status: StatusCode,
@@ -165,20 +169,29 @@ impl Dialer {
         lock(&self.failed_until).insert(gateway.to_owned(), Instant::now() + self.gateway_backoff);
     }
 
-    /// Opens a tunnel to `peer` carrying `token`, trying its gateways in order.
-    pub async fn open(&self, peer: &Peer, token: &str) -> Result<Tunnel, Error> {
+    /// Opens a tunnel to `peer` carrying `token`, trying its gateways in order. `early`
+    /// (possibly empty) is what the client sent before the tunnel existed: over h2 it
+    /// goes out right behind the CONNECT request, not after its answer (the exporting
+    /// gateway holds it in the stream until the target is connected), which saves a
+    /// round trip between the gateways and a TLS record; over HTTP/1.1 it follows the
+    /// 200.
+    pub async fn open(&self, peer: &Peer, token: &str, early: &Bytes) -> Result<Tunnel, Error> {
         let gateways = self.ordered(peer);
         if gateways.is_empty() {
             return Err(Error::NoGateways(peer.name.clone()));
         }
         let mut last = None;
         for gw in gateways {
-            match self.open_via(peer, gw, token).await {
+            match self.open_via(peer, gw, token, early).await {
                 Ok(t) => {
                     lock(&self.failed_until).remove(gw.as_str());
                     return Ok(t);
                 }
                 Err(e @ Error::Refused { .. }) => return Err(e),
+                Err(e @ Error::Interrupted { .. }) => {
+                    self.mark_failed(gw);
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::debug!(peer = %peer.name, gateway = %gw, error = %e, "gateway failed");
                     self.mark_failed(gw);
@@ -189,12 +202,18 @@ impl Dialer {
         Err(last.unwrap_or_else(|| Error::NoGateways(peer.name.clone())))
     }
 
-    async fn open_via(&self, peer: &Peer, gw: &str, token: &str) -> Result<Tunnel, Error> {
+    async fn open_via(
+        &self,
+        peer: &Peer,
+        gw: &str,
+        token: &str,
+        early: &Bytes,
+    ) -> Result<Tunnel, Error> {
         if self.wants_h1(peer) {
             let tls = self.dial_tls(peer, gw, false).await?;
-            return connect_h1(tls, peer, gw, token).await;
+            return connect_h1(tls, peer, gw, token, early).await;
         }
-        match self.open_h2(peer, gw, token).await {
+        match self.open_h2(peer, gw, token, early).await {
             Err(Error::Refused {
                 status,
                 authoritative: false,
@@ -203,7 +222,7 @@ impl Dialer {
                 tracing::info!(peer = %peer.name, %status, "h2 CONNECT failed; using HTTP/1.1 CONNECT for this peer");
                 lock(&self.h1_peers).insert(peer.name.clone());
                 let tls = self.dial_tls(peer, gw, false).await?;
-                connect_h1(tls, peer, gw, token).await
+                connect_h1(tls, peer, gw, token, early).await
             }
             other => other,
         }
@@ -362,12 +381,18 @@ impl Dialer {
         Ok(Ok(pooled))
     }
 
-    async fn open_h2(&self, peer: &Peer, gw: &str, token: &str) -> Result<Tunnel, Error> {
+    async fn open_h2(
+        &self,
+        peer: &Peer,
+        gw: &str,
+        token: &str,
+        early: &Bytes,
+    ) -> Result<Tunnel, Error> {
         // One retry covers a pooled connection that went away (GOAWAY) under us.
         for attempt in 0..2 {
             let pooled = match self.pooled(peer, gw).await? {
                 Ok(p) => p,
-                Err(tls) => return connect_h1(tls, peer, gw, token).await,
+                Err(tls) => return connect_h1(tls, peer, gw, token, early).await,
             };
             pooled.active.fetch_add(1, Ordering::Relaxed);
             let lease = StreamLease(pooled.active.clone());
@@ -382,7 +407,17 @@ impl Dialer {
                 })?;
             let send = pooled.send.clone();
             let sent = match send.ready().await {
-                Ok(mut s) => s.send_request(req, false),
+                Ok(mut s) => s
+                    .send_request(req, false)
+                    .and_then(|(response, mut stream)| {
+                        // Queued behind the request, flushed with it. h2 does not check
+                        // the window here; `early` is at most copy::EARLY_MAX bytes, well
+                        // inside the initial stream window.
+                        if !early.is_empty() {
+                            stream.send_data(early.clone(), false)?;
+                        }
+                        Ok((response, stream))
+                    }),
                 Err(e) => Err(e),
             };
             let (response, stream) = match sent {
@@ -402,6 +437,17 @@ impl Dialer {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) if e.is_go_away() || e.is_io() => {
                     pooled.dead.store(true, Ordering::Relaxed);
+                    // With the client's bytes on their way, retry only a stream the
+                    // remote says it did not process (GOAWAY, graceful, naming an
+                    // earlier last stream); it may have reached the target otherwise.
+                    let unprocessed =
+                        e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR);
+                    if !early.is_empty() && !unprocessed {
+                        return Err(Error::Interrupted {
+                            gateway: gw.to_owned(),
+                            reason: format!("h2 CONNECT: {e}"),
+                        });
+                    }
                     if attempt == 0 {
                         continue;
                     }
@@ -466,12 +512,30 @@ async fn read_reason(recv: &mut RecvStream) -> String {
 
 /// TCP_NODELAY and keepalive on a tunnel or client socket.
 pub fn tune(tcp: &TcpStream) {
-    let _ = tcp.set_nodelay(true);
-    let sock = socket2::SockRef::from(tcp);
+    tune_socket(socket2::SockRef::from(tcp));
+}
+
+fn tune_socket(sock: socket2::SockRef<'_>) {
+    let _ = sock.set_tcp_nodelay(true);
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10));
     let _ = sock.set_tcp_keepalive(&ka);
+}
+
+/// The options of `tune` on a listening socket. On Linux every accepted socket inherits
+/// them (TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL), which saves four
+/// setsockopt calls per accepted connection; see `tune_accepted`.
+pub fn tune_listener(listener: &TcpListener) {
+    tune_socket(socket2::SockRef::from(listener));
+}
+
+/// `tune` for a socket accepted from a listener that went through `tune_listener`:
+/// nothing to do on Linux, where the options were inherited.
+pub fn tune_accepted(tcp: &TcpStream) {
+    if !cfg!(target_os = "linux") {
+        tune(tcp);
+    }
 }
 
 /// HTTP/1.1 CONNECT on a dedicated TLS connection, as ClusterLink's data planes speak it.
@@ -480,6 +544,7 @@ async fn connect_h1(
     peer: &Peer,
     gw: &str,
     token: &str,
+    early: &Bytes,
 ) -> Result<Tunnel, Error> {
     let gerr = |reason: String| Error::Gateway {
         gateway: gw.to_owned(),
@@ -523,6 +588,16 @@ async fn connect_h1(
         .await
         .map_err(|_| gerr("no answer to CONNECT".into()))??;
     if status == 200 {
+        if !early.is_empty() {
+            let sent = async {
+                tls.write_all(early).await?;
+                tls.flush().await
+            };
+            sent.await.map_err(|e| Error::Interrupted {
+                gateway: gw.to_owned(),
+                reason: format!("write: {e}"),
+            })?;
+        }
         buf.advance(len);
         return Ok(Tunnel::H1(Box::new(Rewind {
             pre: buf.freeze(),
@@ -573,5 +648,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_carry_the_listener_options() -> anyhow::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        tune_listener(&listener);
+        let client = TcpStream::connect(listener.local_addr()?).await?;
+        let (accepted, _) = listener.accept().await?;
+        tune_accepted(&accepted);
+        let sock = socket2::SockRef::from(&accepted);
+        anyhow::ensure!(accepted.nodelay()?, "TCP_NODELAY not set");
+        anyhow::ensure!(sock.keepalive()?, "SO_KEEPALIVE not set");
+        anyhow::ensure!(sock.tcp_keepalive_time()? == Duration::from_secs(30));
+        anyhow::ensure!(sock.tcp_keepalive_interval()? == Duration::from_secs(10));
+        drop(client);
+        Ok(())
     }
 }

@@ -310,3 +310,126 @@ async fn falls_back_to_http1_for_a_peer_that_cannot_tunnel_over_h2() -> Result<(
     );
     Ok(())
 }
+
+/// A remote gateway that reads the CONNECT request's first DATA before it answers, and
+/// reports what it got in that time (nothing, if the dialer waits for the answer
+/// before sending); it then answers 200 and echoes.
+async fn data_before_answer_gateway(
+    files: PeerFiles,
+) -> Result<(
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+)> {
+    let material = dataplane::tls::Material::load(
+        &dataplane::tls::CertPaths {
+            ca: files.ca.clone(),
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        },
+        1,
+    )?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(material.server.clone());
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let first = tokio::time::timeout(Duration::from_secs(2), body.data()).await;
+                        let first = match first {
+                            Ok(Some(Ok(d))) => {
+                                let _ = body.flow_control().release_capacity(d.len());
+                                d.to_vec()
+                            }
+                            _ => Vec::new(),
+                        };
+                        let _ = tx.send(first.clone());
+                        let Ok(resp) = http::Response::builder()
+                            .status(200)
+                            .header(
+                                dataplane::tunnel::PROTOCOLS_HEADER,
+                                dataplane::tunnel::PROTOCOLS_VALUE,
+                            )
+                            .body(())
+                        else {
+                            return;
+                        };
+                        let Ok(mut send) = respond.send_response(resp, false) else {
+                            return;
+                        };
+                        let _ = send.send_data(first.into(), false);
+                        while let Some(Ok(d)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(d.len());
+                            let _ = send.send_data(d, false);
+                        }
+                        let _ = send.send_data(bytes::Bytes::new(), true);
+                    });
+                }
+            });
+        }
+    });
+    Ok((addr, rx))
+}
+
+/// A client's first bytes travel right behind the CONNECT request, not one round trip
+/// between the gateways later; the tunnel then works as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bytes_travel_with_the_connect_request() -> Result<()> {
+    init_logs();
+    let fabric = Fabric::new("early-data-fabric")?;
+    let dir = TempDir::new("cl-early")?;
+    let files_a = PeerFiles::write(
+        &dir.path().join(PEER_A),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_A)?,
+    )?;
+    let files_b = PeerFiles::write(
+        &dir.path().join(PEER_B),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_B)?,
+    )?;
+    let (gw, mut firsts) = data_before_answer_gateway(files_b).await?;
+    let cp = FakeControlPlane::start(importer_snapshot(gw))?;
+    let allow = allow_to_b();
+    // A slow authorization answer: the client's bytes are surely in A's socket by the
+    // time A opens the tunnel.
+    cp.set_egress(move |req| {
+        std::thread::sleep(Duration::from_millis(200));
+        allow(req)
+    });
+    let a = dataplane::start(gateway_config(&files_a, cp.addr)).await?;
+    wait_ready(&a).await?;
+    let import = a
+        .import_addr(&format!("{NS}/{SERVICE}"))
+        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    let mut c = TcpStream::connect(import).await?;
+    c.write_all(b"hello").await?;
+    let first = tokio::time::timeout(T, firsts.recv())
+        .await?
+        .context("the gateway saw no request")?;
+    ensure!(
+        first == b"hello",
+        "the gateway got {first:?} before answering, not the client's first bytes"
+    );
+    let mut back = [0u8; 5];
+    tokio::time::timeout(T, c.read_exact(&mut back)).await??;
+    ensure!(&back == b"hello");
+    // The rest of the connection flows after the answer.
+    c.write_all(b" again").await?;
+    let mut back = [0u8; 6];
+    tokio::time::timeout(T, c.read_exact(&mut back)).await??;
+    ensure!(&back == b" again");
+    Ok(())
+}
