@@ -23,6 +23,14 @@ use tokio_util::io::poll_read_buf;
 /// records. Not varied by a measurement yet (benches/README.md lists the levers tried).
 pub const READ_SIZE: usize = 64 * 1024;
 
+/// A read at least this large means the local side streams: the copy loop then reads
+/// again without waiting for the next readiness event, while smaller reads
+/// (request/response traffic) wait for it instead of spending a read on WouldBlock.
+/// Measured (benches/README.md): clearing the readiness after every short read cost
+/// 5-15 % of single-stream throughput, as each read then waited for epoll; with this
+/// split, bulk is as before and ping-pong saves its read per message.
+const STREAMING_READ: usize = 4 * 1024;
+
 /// Where read data starts, modulo 4096, in the buffers this module reads into.
 ///
 /// rustls copies each record's plaintext from our buffer into a fresh allocation, 5
@@ -150,6 +158,8 @@ async fn tcp_to_h2(
     counter: &IntCounter,
     watch_reset: &AtomicBool,
 ) -> Result<(), Failure> {
+    // Size of the last read: tells a streaming sender from an interactive one.
+    let mut last = 0;
     loop {
         tokio::select! {
             ready = r.readable() => if ready.is_err() {
@@ -166,15 +176,21 @@ async fn tcp_to_h2(
             }) => return Err(Failure::Remote),
         }
         let mut buf = phased_buf();
-        // One poll of the read, with the readiness just reported: it reads at once, and
-        // a short read clears the readiness (tokio's poll_read does), so the next turn
-        // waits in `readable()` instead of spending a read on WouldBlock: one syscall
-        // less per message, on the latency path.
-        let read = poll_fn(|cx| match poll_read_buf(Pin::new(&mut r), cx, &mut buf) {
-            Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
-            Poll::Ready(res) => Poll::Ready(res),
-        })
-        .await;
+        let read = if last >= STREAMING_READ {
+            // Streaming: more has probably arrived while the last read was sent on, so
+            // read again at once (the readiness is kept until a read finds nothing).
+            r.try_read_buf(&mut buf)
+        } else {
+            // Interactive: one poll of the read, with the readiness just reported. It
+            // reads at once, and a short read clears the readiness (tokio's poll_read
+            // does), so the next turn waits in `readable()` instead of spending a read
+            // on WouldBlock: one syscall less per message, on the latency path.
+            poll_fn(|cx| match poll_read_buf(Pin::new(&mut r), cx, &mut buf) {
+                Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+                Poll::Ready(res) => Poll::Ready(res),
+            })
+            .await
+        };
         match read {
             Ok(0) => {
                 // FIN from the local side: END_STREAM, keep receiving.
@@ -183,6 +199,7 @@ async fn tcp_to_h2(
                     .map_err(|_| Failure::Remote);
             }
             Ok(n) => {
+                last = n;
                 counter.inc_by(n as u64);
                 send_all(&mut send, buf.freeze()).await?;
             }
