@@ -362,3 +362,89 @@ async fn concurrent_streams_spread_over_one_connection_per_worker() -> Result<()
     drop(held);
     Ok(())
 }
+
+/// A TCP forwarder to `to` that relays only the first connection it accepts and closes
+/// every later one at once: a gateway that can be dialed once.
+async fn first_connection_only(to: std::net::SocketAddr) -> Result<std::net::SocketAddr> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut s, _)) = l.accept().await {
+            if !first {
+                drop(s);
+                continue;
+            }
+            first = false;
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// When a second pooled connection (to spread concurrent streams) cannot be made, the
+/// stream goes over the busy connection that works, and the gateway is not marked
+/// failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_pool_growth_falls_back_to_the_working_connection() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_logs();
+    let fabric = Fabric::new("pool-fabric")?;
+    let dir = TempDir::new("cl-pool")?;
+    let files_a = PeerFiles::write(
+        &dir.path().join(PEER_A),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_A)?,
+    )?;
+    let files_b = PeerFiles::write(
+        &dir.path().join(PEER_B),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_B)?,
+    )?;
+    let target = start_echo().await?;
+    let cp_b = FakeControlPlane::start(exporter_snapshot(target))?;
+    let b = dataplane::start(gateway_config(&files_b, cp_b.addr)).await?;
+    let once = first_connection_only(b.gateway_addr).await?;
+    let cp_a = FakeControlPlane::start(importer_snapshot(once))?;
+    cp_a.set_egress(allow_to_b());
+    let mut cfg_a = gateway_config(&files_a, cp_a.addr);
+    cfg_a.workers = Some(2);
+    let a = dataplane::start(cfg_a).await?;
+    wait_ready(&b).await?;
+    wait_ready(&a).await?;
+    let import = a
+        .import_addr(&format!("{NS}/{SERVICE}"))
+        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    // Three streams open at once: the first makes the pooled connection, the others
+    // would each add one (2 workers) and fail to, and must use the first.
+    let mut held = Vec::new();
+    for i in 0..3u8 {
+        let mut c = tokio::net::TcpStream::connect(import).await?;
+        c.write_all(&[i]).await?;
+        let mut back = [0u8; 1];
+        tokio::time::timeout(T, c.read_exact(&mut back))
+            .await
+            .map_err(|_| anyhow::anyhow!("stream {i}: no echo"))??;
+        ensure!(back == [i], "stream {i}: wrong echo");
+        held.push(c);
+    }
+    let m = metrics_of(&a).await?;
+    ensure!(
+        metric(&m, "clusterlink_tunnels_open", &[]) == 1.0,
+        "one pooled connection expected:\n{m}"
+    );
+    ensure!(
+        metric(
+            &m,
+            "clusterlink_authorization_denials_total",
+            &["direction=\"outbound\"", "reason=\"unreachable\""]
+        ) == 0.0,
+        "a stream was refused:\n{m}"
+    );
+    drop(held);
+    Ok(())
+}
