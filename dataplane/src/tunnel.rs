@@ -464,10 +464,14 @@ impl Dialer {
                     })
                 }
                 Err(_) => {
-                    return Err(Error::Gateway {
-                        gateway: gw.to_owned(),
-                        reason: "no answer to CONNECT".into(),
-                    })
+                    let (gateway, reason) = (gw.to_owned(), "no answer to CONNECT".into());
+                    // The remote may be slowly connecting to the target with the
+                    // client's first bytes: do not try them on another gateway.
+                    return Err(if early.is_empty() {
+                        Error::Gateway { gateway, reason }
+                    } else {
+                        Error::Interrupted { gateway, reason }
+                    });
                 }
             };
             let status = response.status();
