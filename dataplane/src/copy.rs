@@ -14,9 +14,10 @@ use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use futures_util::future::poll_fn;
 use h2::{Reason, RecvStream, SendStream};
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_util::io::poll_read_buf;
 
 /// Size of one read from a socket. Large reads mean fewer syscalls and full 16 KiB TLS
@@ -135,11 +136,14 @@ pub async fn splice_h2(
     // is blocked writing to a slow local side): only then does the sending half watch
     // for a reset of the stream, since a waiting `recv.data()` sees a reset itself.
     let watch_reset = AtomicBool::new(false);
+    // Set when the receiving half has ended (END_STREAM from the remote): the sending
+    // half, if the local side has sent its FIN, then stops watching for its reset.
+    let down_done = Notify::new();
     let result = {
         let (r, w) = tcp.split();
         tokio::try_join!(
-            tcp_to_h2(r, send, &counters.up, &watch_reset),
-            h2_to_tcp(recv, w, &counters.down, &watch_reset)
+            tcp_to_h2(r, send, &counters.up, &watch_reset, &down_done),
+            h2_to_tcp(recv, w, &counters.down, &watch_reset, &down_done)
         )
     };
     match result {
@@ -157,6 +161,7 @@ async fn tcp_to_h2(
     mut send: SendStream<Bytes>,
     counter: &IntCounter,
     watch_reset: &AtomicBool,
+    down_done: &Notify,
 ) -> Result<(), Failure> {
     // Size of the last read: tells a streaming sender from an interactive one.
     let mut last = 0;
@@ -194,9 +199,9 @@ async fn tcp_to_h2(
         match read {
             Ok(0) => {
                 // FIN from the local side: END_STREAM, keep receiving.
-                return send
-                    .send_data(Bytes::new(), true)
-                    .map_err(|_| Failure::Remote);
+                send.send_data(Bytes::new(), true)
+                    .map_err(|_| Failure::Remote)?;
+                return after_local_fin(&r, &mut send, watch_reset, down_done).await;
             }
             Ok(n) => {
                 last = n;
@@ -209,6 +214,32 @@ async fn tcp_to_h2(
                 return Err(Failure::Local);
             }
         }
+    }
+}
+
+/// The sending half after the local FIN, until the receiving half ends: a reset of the
+/// local socket (a client that sends FIN and then RST) resets the stream at once,
+/// instead of when the remote next sends; a reset of the stream while the receiving
+/// half is blocked on a slow local side is noticed too.
+async fn after_local_fin(
+    r: &ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
+    watch_reset: &AtomicBool,
+    down_done: &Notify,
+) -> Result<(), Failure> {
+    tokio::select! {
+        _ = down_done.notified() => Ok(()),
+        // After a FIN the socket stays readable (end of file); only an error (RST)
+        // wakes this.
+        _ = r.ready(Interest::ERROR) => {
+            send.send_reset(Reason::CANCEL);
+            Err(Failure::Local)
+        }
+        _ = poll_fn(|cx| if watch_reset.load(Ordering::Relaxed) {
+            send.poll_reset(cx)
+        } else {
+            Poll::Pending
+        }) => Err(Failure::Remote),
     }
 }
 
@@ -245,6 +276,7 @@ async fn h2_to_tcp(
     mut w: WriteHalf<'_>,
     counter: &IntCounter,
     watch_reset: &AtomicBool,
+    down_done: &Notify,
 ) -> Result<(), Failure> {
     loop {
         match recv.data().await {
@@ -278,6 +310,7 @@ async fn h2_to_tcp(
                 // END_STREAM from the remote: FIN to the local side, keep sending.
                 let _ = w.shutdown().await;
                 start_watching(watch_reset).await;
+                down_done.notify_one();
                 return Ok(());
             }
         }
@@ -1164,6 +1197,32 @@ mod tests {
             s.far_send.send_reset(h2::Reason::CANCEL);
             assert_eq!(splice.await?, End::RemoteReset);
             drop(peer);
+            Ok(())
+        })
+        .await?
+    }
+
+    /// A client that sends FIN and then RST while the remote sends nothing: the stream
+    /// is reset at once, not when the remote next sends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn h2_local_reset_after_local_fin() -> anyhow::Result<()> {
+        timeout(TIMEOUT, async {
+            let c = counters()?;
+            let (mut peer, tcp) = tcp_pair().await?;
+            let mut s = h2_stream(None).await?;
+            let splice = spawn_h2(tcp, s.send, s.recv, &c);
+
+            peer.write_all(b"last").await?;
+            peer.shutdown().await?;
+            let (got, _) = far_read_to_end(&mut s.far_recv).await?;
+            assert_eq!(got, b"last");
+
+            reset(peer)?;
+            assert_eq!(splice.await?, End::LocalReset);
+            let reason = poll_fn(|cx| s.far_send.poll_reset(cx)).await?;
+            assert_eq!(reason, h2::Reason::CANCEL);
+            assert_eq!(c.up.get(), 4);
+            assert_eq!(c.down.get(), 0);
             Ok(())
         })
         .await?
