@@ -230,7 +230,8 @@ async fn connection(
         copy::reset_on_drop(&client);
     };
     // What the client sent before its tunnel exists, read once, just before the first
-    // attempt (the authorization decision gave it time to arrive).
+    // attempt (after the authorization decision: on a cache hit that is moments after
+    // the accept, and often finds nothing yet).
     let mut early: Option<Bytes> = None;
     // One retry: a token refused by the remote peer (403, or 404: its export is gone) is
     // reported, and a fresh answer asked for (the control plane then fails over).

@@ -410,9 +410,10 @@ impl Dialer {
                 Ok(mut s) => s
                     .send_request(req, false)
                     .and_then(|(response, mut stream)| {
-                        // Queued behind the request, flushed with it. h2 does not check
-                        // the window here; `early` is at most copy::EARLY_MAX bytes, well
-                        // inside the initial stream window.
+                        // Queued behind the request and sent as soon as the connection
+                        // window allows (usually in the same write). h2 buffers it and
+                        // asks for the capacity itself; `early` is at most
+                        // copy::EARLY_MAX bytes.
                         if !early.is_empty() {
                             stream.send_data(early.clone(), false)?;
                         }

@@ -316,6 +316,7 @@ async fn falls_back_to_http1_for_a_peer_that_cannot_tunnel_over_h2() -> Result<(
 /// before sending); it then answers 200 and echoes.
 async fn data_before_answer_gateway(
     files: PeerFiles,
+    drop_after_first: bool,
 ) -> Result<(
     std::net::SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
@@ -344,6 +345,19 @@ async fn data_before_answer_gateway(
                     return;
                 };
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if drop_after_first {
+                        // Got the request (and its first bytes), then the whole
+                        // connection goes away without an answer.
+                        let mut body = req.into_body();
+                        let first = tokio::time::timeout(Duration::from_secs(2), body.data()).await;
+                        let first = match first {
+                            Ok(Some(Ok(d))) => d.to_vec(),
+                            _ => Vec::new(),
+                        };
+                        let _ = tx.send(first);
+                        drop(respond);
+                        return;
+                    }
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let mut body = req.into_body();
@@ -400,7 +414,7 @@ async fn first_bytes_travel_with_the_connect_request() -> Result<()> {
         &fabric.ca_pem,
         &fabric.issue(PEER_B)?,
     )?;
-    let (gw, mut firsts) = data_before_answer_gateway(files_b).await?;
+    let (gw, mut firsts) = data_before_answer_gateway(files_b, false).await?;
     let cp = FakeControlPlane::start(importer_snapshot(gw))?;
     let allow = allow_to_b();
     // A slow authorization answer: the client's bytes are surely in A's socket by the
@@ -431,5 +445,60 @@ async fn first_bytes_travel_with_the_connect_request() -> Result<()> {
     let mut back = [0u8; 6];
     tokio::time::timeout(T, c.read_exact(&mut back)).await??;
     ensure!(&back == b" again");
+    // Counted once: "hello" with the request, " again" by the copy loop.
+    let m = metrics_of(&a).await?;
+    ensure!(
+        metric(
+            &m,
+            "clusterlink_bytes_total",
+            &["direction=\"outbound\"", "flow=\"to_target\""]
+        ) == 11.0,
+        "{m}"
+    );
+    Ok(())
+}
+
+/// A tunnel that fails after the client's first bytes went out with the request is not
+/// retried (they may have reached the target): the client is reset, and the remote
+/// gateway saw one request only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bytes_are_not_sent_twice_when_the_tunnel_fails() -> Result<()> {
+    init_logs();
+    let fabric = Fabric::new("early-data-fabric")?;
+    let dir = TempDir::new("cl-early-fail")?;
+    let files_a = PeerFiles::write(
+        &dir.path().join(PEER_A),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_A)?,
+    )?;
+    let files_b = PeerFiles::write(
+        &dir.path().join(PEER_B),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_B)?,
+    )?;
+    let (gw, mut firsts) = data_before_answer_gateway(files_b, true).await?;
+    let cp = FakeControlPlane::start(importer_snapshot(gw))?;
+    let allow = allow_to_b();
+    cp.set_egress(move |req| {
+        std::thread::sleep(Duration::from_millis(200));
+        allow(req)
+    });
+    let a = dataplane::start(gateway_config(&files_a, cp.addr)).await?;
+    wait_ready(&a).await?;
+    let import = a
+        .import_addr(&format!("{NS}/{SERVICE}"))
+        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    let mut c = TcpStream::connect(import).await?;
+    c.write_all(b"hello").await?;
+    ensure!(
+        read_until_closed(&mut c, T).await == Some(vec![]),
+        "the client was not closed"
+    );
+    let first = firsts.try_recv().context("the gateway saw no request")?;
+    ensure!(first == b"hello", "first bytes: {first:?}");
+    ensure!(
+        firsts.try_recv().is_err(),
+        "the request was sent again after the tunnel failed"
+    );
     Ok(())
 }
