@@ -397,37 +397,60 @@ async fn data_before_answer_gateway(
     Ok((addr, rx))
 }
 
+/// Gateway A importing from a `data_before_answer_gateway`, with a slow authorization
+/// answer (200 ms): a client's first bytes are surely in A's socket by the time A
+/// opens the tunnel.
+struct EarlyPeer {
+    a: dataplane::Running,
+    import: std::net::SocketAddr,
+    firsts: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    _cp: FakeControlPlane,
+    _dir: TempDir,
+}
+
+impl EarlyPeer {
+    async fn start(drop_after_first: bool) -> Result<EarlyPeer> {
+        init_logs();
+        let fabric = Fabric::new("early-data-fabric")?;
+        let dir = TempDir::new("cl-early")?;
+        let files_a = PeerFiles::write(
+            &dir.path().join(PEER_A),
+            &fabric.ca_pem,
+            &fabric.issue(PEER_A)?,
+        )?;
+        let files_b = PeerFiles::write(
+            &dir.path().join(PEER_B),
+            &fabric.ca_pem,
+            &fabric.issue(PEER_B)?,
+        )?;
+        let (gw, firsts) = data_before_answer_gateway(files_b, drop_after_first).await?;
+        let cp = FakeControlPlane::start(importer_snapshot(gw))?;
+        let allow = allow_to_b();
+        cp.set_egress(move |req| {
+            std::thread::sleep(Duration::from_millis(200));
+            allow(req)
+        });
+        let a = dataplane::start(gateway_config(&files_a, cp.addr)).await?;
+        wait_ready(&a).await?;
+        let import = a
+            .import_addr(&format!("{NS}/{SERVICE}"))
+            .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+        Ok(EarlyPeer {
+            a,
+            import,
+            firsts,
+            _cp: cp,
+            _dir: dir,
+        })
+    }
+}
+
 /// A client's first bytes travel right behind the CONNECT request, not one round trip
 /// between the gateways later; the tunnel then works as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_bytes_travel_with_the_connect_request() -> Result<()> {
-    init_logs();
-    let fabric = Fabric::new("early-data-fabric")?;
-    let dir = TempDir::new("cl-early")?;
-    let files_a = PeerFiles::write(
-        &dir.path().join(PEER_A),
-        &fabric.ca_pem,
-        &fabric.issue(PEER_A)?,
-    )?;
-    let files_b = PeerFiles::write(
-        &dir.path().join(PEER_B),
-        &fabric.ca_pem,
-        &fabric.issue(PEER_B)?,
-    )?;
-    let (gw, mut firsts) = data_before_answer_gateway(files_b, false).await?;
-    let cp = FakeControlPlane::start(importer_snapshot(gw))?;
-    let allow = allow_to_b();
-    // A slow authorization answer: the client's bytes are surely in A's socket by the
-    // time A opens the tunnel.
-    cp.set_egress(move |req| {
-        std::thread::sleep(Duration::from_millis(200));
-        allow(req)
-    });
-    let a = dataplane::start(gateway_config(&files_a, cp.addr)).await?;
-    wait_ready(&a).await?;
-    let import = a
-        .import_addr(&format!("{NS}/{SERVICE}"))
-        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    let early = EarlyPeer::start(false).await?;
+    let (a, import, mut firsts) = (&early.a, early.import, early.firsts);
     let mut c = TcpStream::connect(import).await?;
     c.write_all(b"hello").await?;
     let first = tokio::time::timeout(T, firsts.recv())
@@ -446,7 +469,7 @@ async fn first_bytes_travel_with_the_connect_request() -> Result<()> {
     tokio::time::timeout(T, c.read_exact(&mut back)).await??;
     ensure!(&back == b" again");
     // Counted once: "hello" with the request, " again" by the copy loop.
-    let m = metrics_of(&a).await?;
+    let m = metrics_of(a).await?;
     ensure!(
         metric(
             &m,
@@ -463,31 +486,8 @@ async fn first_bytes_travel_with_the_connect_request() -> Result<()> {
 /// gateway saw one request only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_bytes_are_not_sent_twice_when_the_tunnel_fails() -> Result<()> {
-    init_logs();
-    let fabric = Fabric::new("early-data-fabric")?;
-    let dir = TempDir::new("cl-early-fail")?;
-    let files_a = PeerFiles::write(
-        &dir.path().join(PEER_A),
-        &fabric.ca_pem,
-        &fabric.issue(PEER_A)?,
-    )?;
-    let files_b = PeerFiles::write(
-        &dir.path().join(PEER_B),
-        &fabric.ca_pem,
-        &fabric.issue(PEER_B)?,
-    )?;
-    let (gw, mut firsts) = data_before_answer_gateway(files_b, true).await?;
-    let cp = FakeControlPlane::start(importer_snapshot(gw))?;
-    let allow = allow_to_b();
-    cp.set_egress(move |req| {
-        std::thread::sleep(Duration::from_millis(200));
-        allow(req)
-    });
-    let a = dataplane::start(gateway_config(&files_a, cp.addr)).await?;
-    wait_ready(&a).await?;
-    let import = a
-        .import_addr(&format!("{NS}/{SERVICE}"))
-        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    let early = EarlyPeer::start(true).await?;
+    let (import, mut firsts) = (early.import, early.firsts);
     let mut c = TcpStream::connect(import).await?;
     c.write_all(b"hello").await?;
     ensure!(
