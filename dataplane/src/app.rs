@@ -21,6 +21,7 @@ use crate::outbound::Imports;
 use crate::snapshot::Store;
 use crate::tls::{CertPaths, Material};
 use crate::tunnel::Dialer;
+use crate::workers::{self, Workers};
 use crate::{admin, cpclient, inbound, tls};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum Error {
     Tls(#[from] tls::Error),
     #[error(transparent)]
     ControlPlane(#[from] cpclient::Error),
+    #[error(transparent)]
+    Workers(#[from] workers::Error),
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -83,7 +86,8 @@ pub struct Config {
     /// (ClusterLink's own model; for compatibility checks and benchmarks).
     #[arg(long, env = "CL_FORCE_HTTP1")]
     pub force_http1: bool,
-    /// Runtime worker threads (default: one per core).
+    /// Worker threads, each with its own single-threaded runtime; a connection stays
+    /// on the worker that accepted it (default: one per core).
     #[arg(long, env = "CL_WORKERS")]
     pub workers: Option<usize>,
     /// Log level or filter (error, warn, info, debug, trace, or a tracing filter).
@@ -175,6 +179,8 @@ pub struct Shared {
     /// was given under is in force (single-source imports), and as last-known-good
     /// while the control plane is unreachable, until the answer's token expires.
     pub egress_cache: crate::outbound::EgressCache,
+    /// The threads connections run on.
+    pub workers: Arc<Workers>,
 }
 
 /// A started gateway.
@@ -212,6 +218,22 @@ impl Running {
         }
         self.shared.tracker.force.send_replace(true);
         let _ = self.halt.send(true);
+        if !self
+            .shared
+            .workers
+            .wait_exited(Duration::from_secs(2))
+            .await
+        {
+            tracing::warn!("worker threads did not stop in time");
+        }
+    }
+}
+
+impl Drop for Running {
+    /// A gateway dropped without `shutdown` stops at once (its worker threads would
+    /// otherwise outlive it).
+    fn drop(&mut self) {
+        let _ = self.halt.send(true);
     }
 }
 
@@ -240,6 +262,13 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         }),
     )?;
     let cp = ControlPlane::new(&config.controlplane)?;
+    let (halt, halt_rx) = watch::channel(false);
+    let workers = Workers::start(
+        config.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
+        halt_rx.clone(),
+    )?;
     let gateway = bind("gateway port", config.gateway_addr).await?;
     crate::tunnel::tune_listener(&gateway);
     let admin = bind("admin port", config.admin_addr).await?;
@@ -249,7 +278,11 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let store = Arc::new(Store::new());
     let config_handshake_ms = config.handshake_timeout_ms;
     let (drain, drain_rx) = watch::channel(false);
-    let (halt, halt_rx) = watch::channel(false);
+    let gateway = gateway.into_std().map_err(|source| Error::Bind {
+        what: "gateway port",
+        addr: gateway_addr,
+        source,
+    })?;
     let shared = Arc::new(Shared {
         imports: Imports::new(config.import_bind),
         config: Arc::new(config),
@@ -262,22 +295,32 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         handshake_timeout: Duration::from_millis(config_handshake_ms.max(1)),
         ready: AtomicBool::new(false),
         egress_cache: Default::default(),
-    });
-    let workers = shared.config.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        workers: workers.clone(),
     });
     let dialer = Arc::new(Dialer::new(
         tls,
         metrics.clone(),
         connect_timeout,
         shared.config.force_http1,
-        workers.max(1),
+        workers.len(),
     ));
     tracing::info!(config = ?shared.config, identity = %shared.tls.borrow().identity, "starting cl-dataplane");
 
     let id = format!("{}-{}", shared.tls.borrow().identity, std::process::id());
     tokio::spawn(cp.follow(id, store.clone(), metrics, halt_rx.clone()));
-    tokio::spawn(inbound::serve(gateway, shared.clone(), drain_rx.clone()));
+    for index in 0..workers.len() {
+        // Each worker accepts on its own descriptor of the one listening socket.
+        let listener = gateway.try_clone().map_err(|source| Error::Bind {
+            what: "gateway port",
+            addr: gateway_addr,
+            source,
+        })?;
+        workers.spawn_on(
+            index,
+            inbound::serve(listener, index, shared.clone(), drain_rx.clone()),
+        );
+    }
+    drop(gateway);
     tokio::spawn(admin::serve(admin, shared.clone(), halt_rx.clone()));
     // Import listeners follow the snapshot.
     {

@@ -25,14 +25,29 @@ use crate::metrics::ConnGuard;
 use crate::tls::{remote_identity, ALPN_H2};
 use crate::token;
 use crate::tunnel::{self, PROTOCOLS_HEADER, PROTOCOLS_VALUE};
+use crate::workers::Port;
 
 /// Largest request head accepted (both HTTP versions).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest peer-request body (ClusterLink's Envoy limit).
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// Accepts gateway connections until `stop` turns true.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// Accepts gateway connections on worker `index` until `stop` turns true. A
+/// connection goes to another worker when that one carries fewer gateway connections
+/// (see `workers`).
+pub async fn serve(
+    listener: std::net::TcpListener,
+    index: usize,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(worker = index, error = %e, "cannot accept on the gateway port");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -40,9 +55,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         };
         match accepted {
             Ok((tcp, _)) => {
-                let shared = shared.clone();
-                let stop = stop.clone();
-                tokio::spawn(async move { connection(tcp, shared, stop).await });
+                let (shared, stop) = (shared.clone(), stop.clone());
+                let workers = shared.workers.clone();
+                workers.dispatch(Port::Gateway, index, tcp, move |tcp, load| {
+                    connection(tcp, shared, stop, load)
+                });
             }
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
@@ -53,7 +70,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
     }
 }
 
-async fn connection(tcp: TcpStream, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+async fn connection(
+    tcp: TcpStream,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    _load: crate::workers::LoadGuard,
+) {
     tunnel::tune_accepted(&tcp);
     let material = shared.tls.borrow().clone();
     let acceptor = TlsAcceptor::from(material.server.clone());

@@ -12,5 +12,6 @@ pub mod snapshot;
 pub mod tls;
 pub mod token;
 pub mod tunnel;
+pub mod workers;
 
 pub use app::{start, Config, Running};

@@ -22,6 +22,7 @@ use crate::copy::{self, Counters};
 use crate::metrics::ConnGuard;
 use crate::snapshot::Import;
 use crate::tunnel::{self, lock, Dialer, Tunnel};
+use crate::workers::Port;
 
 /// Bound on the egress cache; past it the cache starts over.
 const EGRESS_CACHE_MAX: usize = 4096;
@@ -84,7 +85,16 @@ impl EgressCache {
 struct Bound {
     import: Import,
     addr: SocketAddr,
-    task: JoinHandle<()>,
+    /// One accept loop per worker.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Bound {
+    fn close(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// The import listeners.
@@ -126,7 +136,7 @@ impl Imports {
                 let keep = snap.imports.get(k).map(|i| i.port) == Some(b.import.port);
                 if !keep {
                     tracing::info!(import = %k, "import listener closed");
-                    b.task.abort();
+                    b.close();
                 }
                 keep
             });
@@ -137,22 +147,47 @@ impl Imports {
             }
         }
         for (k, import) in to_bind {
-            match TcpListener::bind((self.bind, import.port)).await {
-                Ok(listener) => {
+            // Every worker accepts on its own descriptor of the one socket.
+            let bound = TcpListener::bind((self.bind, import.port))
+                .await
+                .and_then(|listener| {
                     tunnel::tune_listener(&listener);
-                    let addr = listener
-                        .local_addr()
-                        .unwrap_or(SocketAddr::new(self.bind, import.port));
+                    let addr = listener.local_addr()?;
+                    let listener = listener.into_std()?;
+                    let copies = (0..shared.workers.len())
+                        .map(|_| listener.try_clone())
+                        .collect::<std::io::Result<Vec<_>>>()?;
+                    Ok((addr, copies))
+                });
+            match bound {
+                Ok((addr, copies)) => {
                     tracing::info!(import = %k, %addr, "import listener bound");
-                    let task = tokio::spawn(accept_loop(
-                        listener,
-                        k.clone(),
-                        shared.clone(),
-                        dialer.clone(),
-                        stop.clone(),
-                    ));
+                    let tasks = copies
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, listener)| {
+                            shared.workers.spawn_on(
+                                i,
+                                accept_loop(
+                                    listener,
+                                    i,
+                                    k.clone(),
+                                    shared.clone(),
+                                    dialer.clone(),
+                                    stop.clone(),
+                                ),
+                            )
+                        })
+                        .collect();
                     let mut l = lock(&self.listeners);
-                    l.insert(k, Bound { import, addr, task });
+                    l.insert(
+                        k,
+                        Bound {
+                            import,
+                            addr,
+                            tasks,
+                        },
+                    );
                 }
                 Err(e) => {
                     ok = false;
@@ -167,18 +202,26 @@ impl Imports {
     pub fn close_all(&self) {
         let mut l = lock(&self.listeners);
         for (_, b) in l.drain() {
-            b.task.abort();
+            b.close();
         }
     }
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
+    index: usize,
     service: String,
     shared: Arc<Shared>,
     dialer: Arc<Dialer>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(import = %service, error = %e, "cannot accept on the import listener");
+            return;
+        }
+    };
     let service: Arc<str> = service.into();
     loop {
         let accepted = tokio::select! {
@@ -187,11 +230,11 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, peer_addr)) => {
-                let shared = shared.clone();
-                let dialer = dialer.clone();
-                let service = service.clone();
-                tokio::spawn(async move {
-                    connection(tcp, peer_addr, &service, &shared, &dialer).await
+                let (shared, dialer, service) = (shared.clone(), dialer.clone(), service.clone());
+                let workers = shared.workers.clone();
+                workers.dispatch(Port::Import, index, tcp, move |tcp, load| async move {
+                    connection(tcp, peer_addr, &service, &shared, &dialer).await;
+                    drop(load);
                 });
             }
             Err(e) => {

@@ -15,11 +15,12 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()>
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", config.log_level))?;
     let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.workers {
-        rt.worker_threads(n.max(1));
-    }
-    let rt = rt.enable_all().build()?;
+    // This runtime runs the control side (control-plane stream, admin port, import
+    // reconciliation, certificate reloads, signals); connections run on the workers
+    // (`crate::workers`).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let drain = Duration::from_secs_f64(config.drain_timeout.max(0.0));
         let running = crate::start(config).await?;

@@ -85,6 +85,8 @@ struct Pooled {
     active: Arc<AtomicUsize>,
     dead: Arc<AtomicBool>,
     generation: u64,
+    /// The worker whose runtime drives the connection (see `crate::workers`).
+    worker: Option<usize>,
 }
 
 impl Pooled {
@@ -111,8 +113,10 @@ pub struct Dialer {
     /// Force HTTP/1.1 CONNECT toward every peer (ClusterLink's model; benchmarks).
     force_h1: bool,
     /// Pooled connections per gateway that concurrent streams are spread over (one per
-    /// runtime worker): one h2 connection is driven by one task, so its framing and
-    /// crypto run on one core at a time.
+    /// worker): one h2 connection is driven by one task, so its framing and crypto run
+    /// on one core at a time. On a worker thread, a stream rides on that worker's own
+    /// connection, made when there is none; elsewhere, a busy connection gets company
+    /// up to this many.
     spread: usize,
 }
 
@@ -285,28 +289,38 @@ impl Dialer {
     ) -> Result<Result<Arc<Pooled>, TlsStream<TcpStream>>, Error> {
         let key = format!("{}@{gw}", peer.name);
         let generation = self.tls.borrow().generation;
-        // The least busy usable connection; none if every one is busy and there is
-        // room for another (so concurrent streams spread over `spread` connections).
+        let worker = crate::workers::current();
         let spread = self.spread;
-        // (least busy usable connection, whether another one should be made instead)
+        // (least busy usable connection, whether another one should be made instead).
+        // On a worker: its own connection if it has one, else make one (falling back
+        // to another worker's if that fails). Elsewhere: the least busy one, and
+        // another one while every one is busy and there are fewer than `spread`.
         let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>| {
             let conns = pool.entry(key.clone()).or_default();
             conns.retain(|c| !c.dead.load(Ordering::Relaxed));
             let usable: Vec<_> = conns.iter().filter(|c| c.usable(generation)).collect();
-            let best = usable
-                .iter()
-                .min_by_key(|c| c.active.load(Ordering::Relaxed))
-                .map(|c| Arc::clone(c));
-            let grow = best
-                .as_ref()
-                .is_none_or(|c| c.active.load(Ordering::Relaxed) > 0 && usable.len() < spread);
-            (best, grow)
+            let least_busy = |mine: bool| {
+                usable
+                    .iter()
+                    .filter(|c| !mine || worker.is_none() || c.worker == worker)
+                    .min_by_key(|c| c.active.load(Ordering::Relaxed))
+                    .map(|c| Arc::clone(c))
+            };
+            match (least_busy(true), worker) {
+                (Some(own), Some(_)) => (Some(own), false),
+                (Some(best), None) => {
+                    let busy = best.active.load(Ordering::Relaxed) > 0;
+                    (Some(best), busy && usable.len() < spread)
+                }
+                (None, _) => (least_busy(false), true),
+            }
         };
         if let (Some(c), false) = pick(&mut lock(&self.pool)) {
             return Ok(Ok(c));
         }
+        // Per worker, so that workers make their own connections side by side.
         let gate = lock(&self.connecting)
-            .entry(key.clone())
+            .entry(format!("{key}#{}", worker.map_or(usize::MAX, |w| w)))
             .or_default()
             .clone();
         let _gate = gate.lock().await;
@@ -373,6 +387,7 @@ impl Dialer {
             active: Arc::new(AtomicUsize::new(0)),
             dead,
             generation,
+            worker: crate::workers::current(),
         });
         lock(&self.pool)
             .entry(key.to_owned())

@@ -39,11 +39,37 @@ pub struct Proc(Option<Child>);
 
 impl Proc {
     pub fn spawn(cmd: &mut Command) -> Result<Proc> {
+        Self::spawn_logged(cmd, None)
+    }
+
+    /// Like `spawn`; unless CL_TEST_VERBOSE is set, the output goes to `log` (appended,
+    /// read by `status` when something goes wrong) instead of nowhere.
+    pub fn spawn_logged(cmd: &mut Command, log: Option<&Path>) -> Result<Proc> {
         let quiet = std::env::var_os("CL_TEST_VERBOSE").is_none();
         if quiet {
-            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            let out = match log {
+                Some(path) => Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .with_context(|| format!("opening {}", path.display()))?,
+                ),
+                None => Stdio::null(),
+            };
+            cmd.stdout(Stdio::null()).stderr(out);
         }
         Ok(Proc(Some(cmd.spawn().context("spawning")?)))
+    }
+
+    /// "running", or how the process ended.
+    pub fn status(&mut self) -> String {
+        match self.0.as_mut().map(Child::try_wait) {
+            None => "not started".into(),
+            Some(Ok(None)) => "running".into(),
+            Some(Ok(Some(s))) => format!("exited: {s}"),
+            Some(Err(e)) => format!("unknown: {e}"),
+        }
     }
 
     /// SIGKILL: a crash, nothing drains.
@@ -104,17 +130,33 @@ impl ProcPeer {
             name: name.into(),
             dir,
             files,
-            grpc: free_port()?,
-            cp_admin: free_port()?,
-            gateway: free_port()?,
-            dp_admin: free_port()?,
+            grpc: 0,
+            cp_admin: 0,
+            gateway: 0,
+            dp_admin: 0,
             cp: Proc(None),
             dp: Proc(None),
         };
-        p.start_cp()?;
-        p.start_dp()?;
-        p.wait_ready().await?;
-        Ok(p)
+        // A probed port can be taken (by another test's connection) before the process
+        // binds it; such a start is retried on new ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            p.grpc = free_port()?;
+            p.cp_admin = free_port()?;
+            p.gateway = free_port()?;
+            p.dp_admin = free_port()?;
+            p.start_cp()?;
+            p.start_dp()?;
+            match p.wait_ready_or_exit().await? {
+                None => return Ok(p),
+                Some(report) if attempt < 3 && report.contains("cannot bind") => {
+                    p.cp.kill();
+                    p.dp.kill();
+                }
+                Some(report) => bail!(report),
+            }
+        }
     }
 
     pub fn resources(&self) -> PathBuf {
@@ -122,7 +164,8 @@ impl ProcPeer {
     }
 
     pub fn start_cp(&mut self) -> Result<()> {
-        self.cp = Proc::spawn(
+        let log = self.dir.join("cl-controlplane.log");
+        self.cp = Proc::spawn_logged(
             Command::new(binary("cl-controlplane")?)
                 .arg("--grpc-addr")
                 .arg(format!("127.0.0.1:{}", self.grpc))
@@ -140,12 +183,14 @@ impl ProcPeer {
                 .arg(&self.files.key)
                 .args(["--peer-label", &format!("name={}", self.name)])
                 .args(["--scan-interval-ms", "50", "--peer-timeout-ms", "1000"]),
+            Some(&log),
         )?;
         Ok(())
     }
 
     pub fn start_dp(&mut self) -> Result<()> {
-        self.dp = Proc::spawn(
+        let log = self.dir.join("cl-dataplane.log");
+        self.dp = Proc::spawn_logged(
             Command::new(binary("cl-dataplane")?)
                 .arg("--gateway-addr")
                 .arg(format!("127.0.0.1:{}", self.gateway))
@@ -161,21 +206,68 @@ impl ProcPeer {
                 .arg("--key-file")
                 .arg(&self.files.key)
                 .args(["--drain-timeout", "2", "--cert-reload-ms", "200"]),
+            Some(&log),
         )?;
         Ok(())
     }
 
-    pub async fn wait_ready(&self) -> Result<()> {
-        for port in [self.cp_admin, self.dp_admin] {
-            let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-            eventually(
-                "process readiness",
-                Duration::from_secs(30),
-                || async move { (http_get(addr, "/ready").await.ok()?.0 == 200).then_some(()) },
-            )
-            .await?;
+    /// Waits until both processes report ready; if they do not, the error says how
+    /// each process stands and ends with the tail of its log.
+    pub async fn wait_ready(&mut self) -> Result<()> {
+        match self.wait_ready_or_exit().await? {
+            None => Ok(()),
+            Some(report) => bail!(report),
         }
-        Ok(())
+    }
+
+    /// None once both processes report ready; otherwise (one exited, or 30 s passed)
+    /// a report: how the process stands and the tail of its log.
+    async fn wait_ready_or_exit(&mut self) -> Result<Option<String>> {
+        for what in ["cl-controlplane", "cl-dataplane"] {
+            let port = if what == "cl-controlplane" {
+                self.cp_admin
+            } else {
+                self.dp_admin
+            };
+            let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            let end = tokio::time::Instant::now() + Duration::from_secs(30);
+            let failure = loop {
+                if matches!(http_get(addr, "/ready").await, Ok((200, _))) {
+                    break None;
+                }
+                let proc = if what == "cl-controlplane" {
+                    &mut self.cp
+                } else {
+                    &mut self.dp
+                };
+                let status = proc.status();
+                if status != "running" {
+                    break Some(status);
+                }
+                if tokio::time::Instant::now() > end {
+                    break Some(format!("{status}, timed out after 30 s"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if let Some(status) = failure {
+                let log = std::fs::read_to_string(self.dir.join(format!("{what}.log")))
+                    .unwrap_or_default();
+                // Backtrace frames (indented) left out.
+                let tail: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .filter(|l| !l.starts_with(' '))
+                    .take(20)
+                    .collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Ok(Some(format!(
+                    "{what} of {} not ready ({status}):\n{}",
+                    self.name,
+                    tail.join("\n")
+                )));
+            }
+        }
+        Ok(None)
     }
 
     pub fn write(&self, file: &str, yaml: &str) -> Result<()> {

@@ -26,8 +26,8 @@ async fn round_trip_over_h2() -> Result<()> {
     let pair = round_trip(Options::default()).await?;
     let m = metrics_of(pair.a()).await?;
     ensure!(
-        metric(&m, "clusterlink_tunnels_open", &[]) == 1.0,
-        "one pooled h2 tunnel expected:\n{m}"
+        (1.0..=2.0).contains(&metric(&m, "clusterlink_tunnels_open", &[])),
+        "one pooled h2 tunnel per worker that carried a connection expected:\n{m}"
     );
     ensure!(
         metric(
@@ -36,16 +36,20 @@ async fn round_trip_over_h2() -> Result<()> {
             &["direction=\"outbound\"", "flow=\"to_target\""]
         ) >= 100_000.0
     );
-    // A second connection reuses the pooled tunnel: no new handshake.
-    let back = echo_round_trip(pair.import, b"again").await?;
-    ensure!(back == b"again");
+    // Later connections reuse the pooled tunnels: at most one handshake per worker
+    // (2 in tests), however many connections.
+    for i in 0..10 {
+        let msg = format!("again {i}");
+        let back = echo_round_trip(pair.import, msg.as_bytes()).await?;
+        ensure!(back == msg.as_bytes());
+    }
     let m = metrics_of(pair.a()).await?;
     ensure!(
         metric(
             &m,
             "clusterlink_tunnel_handshakes_total",
             &["side=\"client\"", "result=\"ok\""]
-        ) == 1.0,
+        ) <= 2.0,
         "{m}"
     );
     Ok(())
@@ -339,8 +343,10 @@ async fn egress_answers_are_reused_until_the_snapshot_changes() -> Result<()> {
     Ok(())
 }
 
-/// Concurrent streams spread over as many pooled connections as the gateway has
-/// runtime workers (2 in tests), and no more: one h2 connection is driven by one task.
+/// Concurrent streams spread over the gateway's workers (2 in tests), each of which
+/// carries its streams on its own pooled connection, and no more: one h2 connection is
+/// driven by one task. With 5 streams held, the import port's balancing puts at least
+/// one on each worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_spread_over_one_connection_per_worker() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
