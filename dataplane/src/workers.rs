@@ -3,9 +3,10 @@
 //! accepted it; its streams' tasks and the pooled h2 connection they ride on (the
 //! dialer prefers the worker's own, see `tunnel::Dialer`) are driven by the same
 //! thread, so handing a message between a client's task and the tunnel's connection
-//! task is a local wake-up instead of a futex call and a cross-core hand-off (the
-//! multi-threaded runtime's work stealing moved these tasks between cores on every
-//! message; see benches/README.md).
+//! task is a local wake-up instead of a futex call and a cross-core hand-off (with
+//! one multi-threaded runtime, the two tasks of a message often ran on different
+//! threads: ping-pong p50 was 25-50 us above our HTTP/1.1 mode, and is now level with
+//! it; see benches/README.md).
 //!
 //! Every worker accepts on its own duplicate of each listening socket (no
 //! SO_REUSEPORT, so no other process can join the port). A worker that accepts a
