@@ -97,6 +97,15 @@ impl Bound {
     }
 }
 
+/// Waits (briefly) until aborted accept loops have dropped their copies of the
+/// listening socket, which their workers do on their next turn: until then the port
+/// is still bound, and a new listener on it would fail.
+async fn closed(tasks: Vec<JoinHandle<()>>) {
+    for t in tasks {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), t).await;
+    }
+}
+
 /// The import listeners.
 pub struct Imports {
     bind: IpAddr,
@@ -129,6 +138,7 @@ impl Imports {
         let snap = shared.store.load();
         let mut ok = true;
         let mut to_bind = Vec::new();
+        let mut closing = Vec::new();
         {
             let mut l = lock(&self.listeners);
             l.retain(|k, b| {
@@ -137,6 +147,7 @@ impl Imports {
                 if !keep {
                     tracing::info!(import = %k, "import listener closed");
                     b.close();
+                    closing.append(&mut b.tasks);
                 }
                 keep
             });
@@ -146,6 +157,8 @@ impl Imports {
                 }
             }
         }
+        // A new import may take the port of one closed just now.
+        closed(closing).await;
         for (k, import) in to_bind {
             // Every worker accepts on its own descriptor of the one socket.
             let bound = TcpListener::bind((self.bind, import.port))

@@ -108,6 +108,10 @@ pub struct Dialer {
     /// shares one handshake instead of racing many.
     connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     failed_until: Mutex<HashMap<String, Instant>>,
+    /// Pools ("peer@gateway#worker") whose last attempt to add a connection failed
+    /// while another one worked: until then, streams use the working one at once
+    /// instead of each waiting for another dial.
+    growth_failed_until: Mutex<HashMap<String, Instant>>,
     /// Peers learned to need HTTP/1.1 CONNECT.
     h1_peers: Mutex<HashSet<String>>,
     /// Force HTTP/1.1 CONNECT toward every peer (ClusterLink's model; benchmarks).
@@ -142,6 +146,7 @@ impl Dialer {
             pool: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
             failed_until: Mutex::new(HashMap::new()),
+            growth_failed_until: Mutex::new(HashMap::new()),
             h1_peers: Mutex::new(HashSet::new()),
             force_h1,
             spread: spread.max(1),
@@ -291,6 +296,10 @@ impl Dialer {
         let generation = self.tls.borrow().generation;
         let worker = crate::workers::current();
         let spread = self.spread;
+        let gate_key = format!("{key}#{}", worker.map_or(usize::MAX, |w| w));
+        let may_grow = lock(&self.growth_failed_until)
+            .get(&gate_key)
+            .is_none_or(|t| *t <= Instant::now());
         // (least busy usable connection, whether another one should be made instead).
         // On a worker: its own connection if it has one, else make one (falling back
         // to another worker's if that fails). Elsewhere: the least busy one, and
@@ -312,7 +321,11 @@ impl Dialer {
                     let busy = best.active.load(Ordering::Relaxed) > 0;
                     (Some(best), busy && usable.len() < spread)
                 }
-                (None, _) => (least_busy(false), true),
+                (None, _) => {
+                    let other = least_busy(false);
+                    let grow = may_grow || other.is_none();
+                    (other, grow)
+                }
             }
         };
         if let (Some(c), false) = pick(&mut lock(&self.pool)) {
@@ -320,7 +333,7 @@ impl Dialer {
         }
         // Per worker, so that workers make their own connections side by side.
         let gate = lock(&self.connecting)
-            .entry(format!("{key}#{}", worker.map_or(usize::MAX, |w| w)))
+            .entry(gate_key.clone())
             .or_default()
             .clone();
         let _gate = gate.lock().await;
@@ -335,6 +348,8 @@ impl Dialer {
         match (grown, fallback) {
             (Err(e), Some(c)) => {
                 tracing::debug!(gateway = %gw, error = %e, "extra pooled connection failed; using a busy one");
+                lock(&self.growth_failed_until)
+                    .insert(gate_key, Instant::now() + self.gateway_backoff);
                 Ok(Ok(c))
             }
             (grown, _) => grown,

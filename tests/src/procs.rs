@@ -42,22 +42,22 @@ impl Proc {
         Self::spawn_logged(cmd, None)
     }
 
-    /// Like `spawn`; unless CL_TEST_VERBOSE is set, the output goes to `log` (appended,
-    /// read by `status` when something goes wrong) instead of nowhere.
+    /// Like `spawn`; unless CL_TEST_VERBOSE is set, the output goes to `log` (new for
+    /// each start; `ProcPeer` reads its tail when a start fails) instead of nowhere.
     pub fn spawn_logged(cmd: &mut Command, log: Option<&Path>) -> Result<Proc> {
         let quiet = std::env::var_os("CL_TEST_VERBOSE").is_none();
         if quiet {
-            let out = match log {
-                Some(path) => Stdio::from(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .with_context(|| format!("opening {}", path.display()))?,
-                ),
-                None => Stdio::null(),
-            };
-            cmd.stdout(Stdio::null()).stderr(out);
+            match log {
+                Some(path) => {
+                    // Logs (stdout) and errors (stderr) into one file, new per start.
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    cmd.stdout(file.try_clone()?).stderr(file);
+                }
+                None => {
+                    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+                }
+            }
         }
         Ok(Proc(Some(cmd.spawn().context("spawning")?)))
     }

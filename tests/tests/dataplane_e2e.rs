@@ -393,8 +393,8 @@ async fn first_connection_only(to: std::net::SocketAddr) -> Result<std::net::Soc
 }
 
 /// When a second pooled connection (to spread concurrent streams) cannot be made, the
-/// stream goes over the busy connection that works, and the gateway is not marked
-/// failed.
+/// stream goes over the busy connection that works, the gateway is not marked failed,
+/// and the next streams do not each try again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_pool_growth_falls_back_to_the_working_connection() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -425,10 +425,10 @@ async fn failed_pool_growth_falls_back_to_the_working_connection() -> Result<()>
     let import = a
         .import_addr(&format!("{NS}/{SERVICE}"))
         .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
-    // Three streams open at once: the first makes the pooled connection, the others
-    // would each add one (2 workers) and fail to, and must use the first.
+    // Eight streams open at once: the first makes the pooled connection; the first
+    // stream on the other worker tries to add one and fails; all must use the first.
     let mut held = Vec::new();
-    for i in 0..3u8 {
+    for i in 0..8u8 {
         let mut c = tokio::net::TcpStream::connect(import).await?;
         c.write_all(&[i]).await?;
         let mut back = [0u8; 1];
@@ -451,6 +451,37 @@ async fn failed_pool_growth_falls_back_to_the_working_connection() -> Result<()>
         ) == 0.0,
         "a stream was refused:\n{m}"
     );
+    ensure!(
+        metric(
+            &m,
+            "clusterlink_tunnel_handshakes_total",
+            &["side=\"client\"", "result=\"error\""]
+        ) <= 1.0,
+        "a failed pool growth was retried for later streams:\n{m}"
+    );
     drop(held);
+    Ok(())
+}
+
+/// An import that takes the port of one removed in the same snapshot is bound at once:
+/// the old listener's copies (one per worker) are closed before the new bind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_import_takes_the_port_of_a_removed_one() -> Result<()> {
+    let pair = Pair::start(Options::default()).await?;
+    let port = pair.import.port();
+    pair.cp_a.update_snapshot(|s| {
+        s.imports[0].name = "renamed".into();
+        s.imports[0].port = port.into();
+    });
+    let a = pair.a();
+    let key = format!("{NS}/renamed");
+    let addr = eventually("the renamed import's listener", T, || async {
+        a.import_addr(&key)
+    })
+    .await?;
+    ensure!(addr == pair.import, "bound on {addr}, not {}", pair.import);
+    ensure!(a.import_addr(&format!("{NS}/{SERVICE}")).is_none());
+    let back = echo_round_trip(pair.import, b"same port").await?;
+    ensure!(back == b"same port");
     Ok(())
 }
