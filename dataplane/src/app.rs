@@ -308,8 +308,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 
     let id = format!("{}-{}", shared.tls.borrow().identity, std::process::id());
     tokio::spawn(cp.follow(id, store.clone(), metrics, halt_rx.clone()));
-    for index in 0..workers.len() {
-        // Each worker accepts on its own descriptor of the one listening socket.
+    for index in 0..workers.acceptors() {
+        // Each accepting worker has its own descriptor of the one listening socket.
         let listener = gateway.try_clone().map_err(|source| Error::Bind {
             what: "gateway port",
             addr: gateway_addr,

@@ -85,7 +85,7 @@ impl EgressCache {
 struct Bound {
     import: Import,
     addr: SocketAddr,
-    /// One accept loop per worker.
+    /// One accept loop per accepting worker.
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -160,14 +160,14 @@ impl Imports {
         // A new import may take the port of one closed just now.
         closed(closing).await;
         for (k, import) in to_bind {
-            // Every worker accepts on its own descriptor of the one socket.
+            // Each accepting worker has its own descriptor of the one socket.
             let bound = TcpListener::bind((self.bind, import.port))
                 .await
                 .and_then(|listener| {
                     tunnel::tune_listener(&listener);
                     let addr = listener.local_addr()?;
                     let listener = listener.into_std()?;
-                    let copies = (0..shared.workers.len())
+                    let copies = (0..shared.workers.acceptors())
                         .map(|_| listener.try_clone())
                         .collect::<std::io::Result<Vec<_>>>()?;
                     Ok((addr, copies))

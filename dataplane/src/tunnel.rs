@@ -296,15 +296,13 @@ impl Dialer {
         let generation = self.tls.borrow().generation;
         let worker = crate::workers::current();
         let spread = self.spread;
-        let gate_key = format!("{key}#{}", worker.map_or(usize::MAX, |w| w));
-        let may_grow = lock(&self.growth_failed_until)
-            .get(&gate_key)
-            .is_none_or(|t| *t <= Instant::now());
         // (least busy usable connection, whether another one should be made instead).
         // On a worker: its own connection if it has one, else make one (falling back
         // to another worker's if that fails). Elsewhere: the least busy one, and
         // another one while every one is busy and there are fewer than `spread`.
-        let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>| {
+        // `may_grow` is false while this worker's last growth failed (see
+        // `growth_failed_until`).
+        let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>, may_grow: bool| {
             let conns = pool.entry(key.clone()).or_default();
             conns.retain(|c| !c.dead.load(Ordering::Relaxed));
             let usable: Vec<_> = conns.iter().filter(|c| c.usable(generation)).collect();
@@ -328,16 +326,21 @@ impl Dialer {
                 }
             }
         };
-        if let (Some(c), false) = pick(&mut lock(&self.pool)) {
+        // Fast path: a connection to use and no reason to make one.
+        if let (Some(c), false) = pick(&mut lock(&self.pool), true) {
             return Ok(Ok(c));
         }
+        let gate_key = format!("{key}#{}", worker.map_or(usize::MAX, |w| w));
+        let may_grow = lock(&self.growth_failed_until)
+            .get(&gate_key)
+            .is_none_or(|t| *t <= Instant::now());
         // Per worker, so that workers make their own connections side by side.
         let gate = lock(&self.connecting)
             .entry(gate_key.clone())
             .or_default()
             .clone();
         let _gate = gate.lock().await;
-        let fallback = match pick(&mut lock(&self.pool)) {
+        let fallback = match pick(&mut lock(&self.pool), may_grow) {
             (Some(c), false) => return Ok(Ok(c)),
             (best, true) => best,
             (None, false) => None,

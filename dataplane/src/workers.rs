@@ -8,8 +8,10 @@
 //! threads: ping-pong p50 was 25-50 us above our HTTP/1.1 mode, and is now level with
 //! it; see benches/README.md).
 //!
-//! Every worker accepts on its own duplicate of each listening socket (no
-//! SO_REUSEPORT, so no other process can join the port). A worker that accepts a
+//! The first `MAX_ACCEPTORS` workers accept, each on its own duplicate of each
+//! listening socket (no SO_REUSEPORT, so no other process can join the port; every
+//! accepting worker is woken by each new connection, hence the bound on large hosts,
+//! where the others get their connections by hand-over). A worker that accepts a
 //! connection while it carries more connections of that port than another worker
 //! hands it over (deregistered from its reactor, registered with the other's): on
 //! the gateway port at any difference, because a few long-lived pooled connections
@@ -62,6 +64,9 @@ impl Port {
         }
     }
 }
+
+/// Workers that accept on each listening socket (see the module comment).
+pub const MAX_ACCEPTORS: usize = 4;
 
 thread_local! {
     static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
@@ -156,6 +161,11 @@ impl Workers {
         self.handles.is_empty()
     }
 
+    /// How many workers accept on each listening socket: workers 0 to this - 1.
+    pub fn acceptors(&self) -> usize {
+        self.handles.len().min(MAX_ACCEPTORS)
+    }
+
     /// Runs `task` on worker `index` (modulo the worker count).
     pub fn spawn_on<F>(&self, index: usize, task: F) -> JoinHandle<F::Output>
     where
@@ -240,6 +250,7 @@ mod tests {
         let (halt, halt_rx) = watch::channel(false);
         let workers = Workers::start(3, halt_rx)?;
         ensure!(workers.len() == 3);
+        ensure!(workers.acceptors() == 3);
         ensure!(current().is_none());
         for i in 0..5 {
             let on = workers.spawn_on(i, async { current() }).await?;
@@ -339,7 +350,8 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_halt_sender_stops_the_workers() -> Result<()> {
         let (halt, halt_rx) = watch::channel(false);
-        let workers = Workers::start(2, halt_rx)?;
+        let workers = Workers::start(MAX_ACCEPTORS + 2, halt_rx)?;
+        ensure!(workers.acceptors() == MAX_ACCEPTORS);
         drop(halt);
         ensure!(workers.wait_exited(Duration::from_secs(5)).await);
         Ok(())
