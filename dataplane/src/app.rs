@@ -302,7 +302,6 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         metrics.clone(),
         connect_timeout,
         shared.config.force_http1,
-        workers.len(),
     ));
     tracing::info!(config = ?shared.config, identity = %shared.tls.borrow().identity, "starting cl-dataplane");
 

@@ -1,8 +1,10 @@
 //! Outbound tunnels to remote gateways. Over HTTP/2, each tunnelled connection is one
 //! CONNECT stream on a pooled mTLS connection per gateway: no TLS handshake per new
-//! connection in steady state. A new pooled connection is opened when the others are
-//! at their stream limit, have received GOAWAY, or were made with certificates that
-//! have since been rotated. Peers that do not tunnel over h2 (ClusterLink's Go data
+//! connection in steady state. Each worker thread (`crate::workers`) keeps its own
+//! pooled connection per gateway, so that a stream and the connection it rides on run
+//! on one thread; a new one is opened when the worker has none, or its own are at
+//! their stream limit, have received GOAWAY, or were made with certificates that have
+//! since been rotated. Peers that do not tunnel over h2 (ClusterLink's Go data
 //! plane offers h2 in ALPN but cannot CONNECT over it) get HTTP/1.1 CONNECT, one TLS
 //! connection per tunnel, as ClusterLink's data planes expect.
 //! The pool lock is held only to pick or insert a connection, never across I/O.
@@ -116,12 +118,6 @@ pub struct Dialer {
     h1_peers: Mutex<HashSet<String>>,
     /// Force HTTP/1.1 CONNECT toward every peer (ClusterLink's model; benchmarks).
     force_h1: bool,
-    /// Pooled connections per gateway that concurrent streams are spread over (one per
-    /// worker): one h2 connection is driven by one task, so its framing and crypto run
-    /// on one core at a time. On a worker thread, a stream rides on that worker's own
-    /// connection, made when there is none; elsewhere, a busy connection gets company
-    /// up to this many.
-    spread: usize,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,7 +132,6 @@ impl Dialer {
         metrics: Arc<Metrics>,
         connect_timeout: Duration,
         force_h1: bool,
-        spread: usize,
     ) -> Self {
         Dialer {
             tls,
@@ -149,7 +144,6 @@ impl Dialer {
             growth_failed_until: Mutex::new(HashMap::new()),
             h1_peers: Mutex::new(HashSet::new()),
             force_h1,
-            spread: spread.max(1),
         }
     }
 
@@ -294,32 +288,26 @@ impl Dialer {
     ) -> Result<Result<Arc<Pooled>, TlsStream<TcpStream>>, Error> {
         let key = format!("{}@{gw}", peer.name);
         let generation = self.tls.borrow().generation;
+        // Connections are kept per worker (None: not on a worker thread).
         let worker = crate::workers::current();
-        let spread = self.spread;
-        // (least busy usable connection, whether another one should be made instead).
-        // On a worker: its own connection if it has one, else make one (falling back
-        // to another worker's if that fails). Elsewhere: the least busy one, and
-        // another one while every one is busy and there are fewer than `spread`.
-        // `may_grow` is false while this worker's last growth failed (see
-        // `growth_failed_until`).
+        // (connection to use, whether another one should be made instead): the
+        // worker's own least busy usable connection; else make one, falling back to
+        // another worker's if that fails; `may_grow` is false while this worker's last
+        // attempt failed (see `growth_failed_until`).
         let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>, may_grow: bool| {
             let conns = pool.entry(key.clone()).or_default();
             conns.retain(|c| !c.dead.load(Ordering::Relaxed));
             let usable: Vec<_> = conns.iter().filter(|c| c.usable(generation)).collect();
-            let least_busy = |mine: bool| {
+            let least_busy = |own: bool| {
                 usable
                     .iter()
-                    .filter(|c| !mine || worker.is_none() || c.worker == worker)
+                    .filter(|c| !own || c.worker == worker)
                     .min_by_key(|c| c.active.load(Ordering::Relaxed))
                     .map(|c| Arc::clone(c))
             };
-            match (least_busy(true), worker) {
-                (Some(own), Some(_)) => (Some(own), false),
-                (Some(best), None) => {
-                    let busy = best.active.load(Ordering::Relaxed) > 0;
-                    (Some(best), busy && usable.len() < spread)
-                }
-                (None, _) => {
+            match least_busy(true) {
+                Some(own) => (Some(own), false),
+                None => {
                     let other = least_busy(false);
                     let grow = may_grow || other.is_none();
                     (other, grow)

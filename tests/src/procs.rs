@@ -3,7 +3,7 @@
 //! probed free loopback ports, each killable and restartable on the same ports.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -38,37 +38,25 @@ pub fn free_port() -> Result<u16> {
 pub struct Proc(Option<Child>);
 
 impl Proc {
-    pub fn spawn(cmd: &mut Command) -> Result<Proc> {
-        Self::spawn_logged(cmd, None)
-    }
-
-    /// Like `spawn`; unless CL_TEST_VERBOSE is set, the output goes to `log` (new for
-    /// each start; `ProcPeer` reads its tail when a start fails) instead of nowhere.
-    pub fn spawn_logged(cmd: &mut Command, log: Option<&Path>) -> Result<Proc> {
-        let quiet = std::env::var_os("CL_TEST_VERBOSE").is_none();
-        if quiet {
-            match log {
-                Some(path) => {
-                    // Logs (stdout) and errors (stderr) into one file, new per start.
-                    let file = std::fs::File::create(path)
-                        .with_context(|| format!("creating {}", path.display()))?;
-                    cmd.stdout(file.try_clone()?).stderr(file);
-                }
-                None => {
-                    cmd.stdout(Stdio::null()).stderr(Stdio::null());
-                }
-            }
+    /// Unless CL_TEST_VERBOSE is set (output to the terminal), the process's logs
+    /// (stdout) and errors (stderr) go to `log`, new for each start; `ProcPeer` reads
+    /// its tail when a start fails.
+    pub fn spawn(cmd: &mut Command, log: &Path) -> Result<Proc> {
+        if std::env::var_os("CL_TEST_VERBOSE").is_none() {
+            let file = std::fs::File::create(log)
+                .with_context(|| format!("creating {}", log.display()))?;
+            cmd.stdout(file.try_clone()?).stderr(file);
         }
         Ok(Proc(Some(cmd.spawn().context("spawning")?)))
     }
 
-    /// "running", or how the process ended.
-    pub fn status(&mut self) -> String {
+    /// None while the process runs; otherwise how it ended (or that it never started).
+    pub fn ended(&mut self) -> Option<String> {
         match self.0.as_mut().map(Child::try_wait) {
-            None => "not started".into(),
-            Some(Ok(None)) => "running".into(),
-            Some(Ok(Some(s))) => format!("exited: {s}"),
-            Some(Err(e)) => format!("unknown: {e}"),
+            None => Some("not started".into()),
+            Some(Ok(None)) => None,
+            Some(Ok(Some(s))) => Some(format!("exited: {s}")),
+            Some(Err(e)) => Some(format!("unknown: {e}")),
         }
     }
 
@@ -165,7 +153,7 @@ impl ProcPeer {
 
     pub fn start_cp(&mut self) -> Result<()> {
         let log = self.dir.join("cl-controlplane.log");
-        self.cp = Proc::spawn_logged(
+        self.cp = Proc::spawn(
             Command::new(binary("cl-controlplane")?)
                 .arg("--grpc-addr")
                 .arg(format!("127.0.0.1:{}", self.grpc))
@@ -183,14 +171,14 @@ impl ProcPeer {
                 .arg(&self.files.key)
                 .args(["--peer-label", &format!("name={}", self.name)])
                 .args(["--scan-interval-ms", "50", "--peer-timeout-ms", "1000"]),
-            Some(&log),
+            &log,
         )?;
         Ok(())
     }
 
     pub fn start_dp(&mut self) -> Result<()> {
         let log = self.dir.join("cl-dataplane.log");
-        self.dp = Proc::spawn_logged(
+        self.dp = Proc::spawn(
             Command::new(binary("cl-dataplane")?)
                 .arg("--gateway-addr")
                 .arg(format!("127.0.0.1:{}", self.gateway))
@@ -206,7 +194,7 @@ impl ProcPeer {
                 .arg("--key-file")
                 .arg(&self.files.key)
                 .args(["--drain-timeout", "2", "--cert-reload-ms", "200"]),
-            Some(&log),
+            &log,
         )?;
         Ok(())
     }
@@ -223,43 +211,31 @@ impl ProcPeer {
     /// None once both processes report ready; otherwise (one exited, or 30 s passed)
     /// a report: how the process stands and the tail of its log.
     async fn wait_ready_or_exit(&mut self) -> Result<Option<String>> {
-        for what in ["cl-controlplane", "cl-dataplane"] {
-            let port = if what == "cl-controlplane" {
-                self.cp_admin
-            } else {
-                self.dp_admin
-            };
-            let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let procs = [
+            ("cl-controlplane", self.cp_admin, &mut self.cp),
+            ("cl-dataplane", self.dp_admin, &mut self.dp),
+        ];
+        for (what, port, proc) in procs {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             let end = tokio::time::Instant::now() + Duration::from_secs(30);
             let failure = loop {
                 if matches!(http_get(addr, "/ready").await, Ok((200, _))) {
                     break None;
                 }
-                let proc = if what == "cl-controlplane" {
-                    &mut self.cp
-                } else {
-                    &mut self.dp
-                };
-                let status = proc.status();
-                if status != "running" {
-                    break Some(status);
+                if let Some(how) = proc.ended() {
+                    break Some(how);
                 }
                 if tokio::time::Instant::now() > end {
-                    break Some(format!("{status}, timed out after 30 s"));
+                    break Some("running, timed out after 30 s".to_owned());
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             };
             if let Some(status) = failure {
                 let log = std::fs::read_to_string(self.dir.join(format!("{what}.log")))
                     .unwrap_or_default();
-                // Backtrace frames (indented) left out.
-                let tail: Vec<&str> = log
-                    .lines()
-                    .rev()
-                    .filter(|l| !l.starts_with(' '))
-                    .take(20)
-                    .collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                // The last 20 lines, backtrace frames (indented) left out.
+                let lines: Vec<&str> = log.lines().filter(|l| !l.starts_with(' ')).collect();
+                let tail = &lines[lines.len().saturating_sub(20)..];
                 return Ok(Some(format!(
                     "{what} of {} not ready ({status}):\n{}",
                     self.name,
