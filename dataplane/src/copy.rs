@@ -32,6 +32,13 @@ pub const READ_SIZE: usize = 64 * 1024;
 /// split, bulk is as before and ping-pong saves its read per message.
 const STREAMING_READ: usize = 4 * 1024;
 
+/// Most bytes read from a socket into one h2 DATA frame: with the frame's 9-byte
+/// header the frame is exactly 64 KiB, four full 16 KiB TLS records, and rustls takes
+/// it whole (its send buffer limit is 64 KiB). A bigger read made rustls take 64 KiB,
+/// write that, and then seal the frame's tail as a fifth, short record with its own
+/// `writev` at A and its own `recvfrom`, decryption and allocation at B.
+const H2_READ: usize = READ_SIZE - 9;
+
 /// Where read data starts, modulo 4096, in the buffers this module reads into.
 ///
 /// rustls copies each record's plaintext from our buffer into a fresh allocation, 5
@@ -188,15 +195,17 @@ async fn tcp_to_h2(
         let read = if last >= STREAMING_READ {
             // Streaming: more has probably arrived while the last read was sent on, so
             // read again at once (the readiness is kept until a read finds nothing).
-            r.try_read_buf(&mut buf)
+            r.try_read_buf(&mut (&mut buf).limit(H2_READ))
         } else {
             // Interactive: one poll of the read, with the readiness just reported. It
             // reads at once, and a short read clears the readiness (tokio's poll_read
             // does), so the next turn waits in `readable()` instead of spending a read
             // on WouldBlock: one syscall less per message, on the latency path.
-            poll_fn(|cx| match poll_read_buf(Pin::new(&mut r), cx, &mut buf) {
-                Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
-                Poll::Ready(res) => Poll::Ready(res),
+            poll_fn(|cx| {
+                match poll_read_buf(Pin::new(&mut r), cx, &mut (&mut buf).limit(H2_READ)) {
+                    Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
+                    Poll::Ready(res) => Poll::Ready(res),
+                }
             })
             .await
         };
@@ -514,6 +523,9 @@ mod tests {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         let mut server = h2::server::Builder::new();
         let mut client = h2::client::Builder::new();
+        // As the gateways do: a DATA frame can carry a whole read.
+        server.max_frame_size(crate::tunnel::MAX_FRAME);
+        client.max_frame_size(crate::tunnel::MAX_FRAME);
         if let Some(window) = window {
             server.initial_window_size(window);
             client.initial_window_size(window);
@@ -981,6 +993,22 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn h2_duplex_1mib_each_way() -> anyhow::Result<()> {
         timeout(TIMEOUT, h2_both_ways(None, MIB)).await??;
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn h2_frames_fill_whole_tls_records() -> anyhow::Result<()> {
+        let far_max = timeout(TIMEOUT, h2_both_ways(None, 4 * MIB)).await??;
+        // A frame (9-byte header and data) is at most four full 16 KiB TLS records,
+        // and a streaming sender's reads are big enough to come close.
+        assert!(
+            far_max <= H2_READ && H2_READ + 9 == 4 * 16 * 1024,
+            "far end got a {far_max}-byte DATA frame"
+        );
+        assert!(
+            far_max > 32 * 1024,
+            "largest DATA frame only {far_max} bytes"
+        );
         Ok(())
     }
 
