@@ -42,7 +42,9 @@ pub const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 256 * 1024;
 /// Longest response head accepted from a remote gateway.
 const MAX_HEAD: usize = 16 * 1024;
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a remote gateway gets to answer a CONNECT, unless
+/// `Dialer::with_response_timeout` says otherwise.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -71,6 +73,21 @@ pub enum Tunnel {
         lease: StreamLease,
     },
     H1(Box<Rewind<TlsStream<TcpStream>>>),
+}
+
+/// Held by a pooled connection's driver task: when the task ends, or is dropped
+/// unfinished at a runtime's shutdown, the connection is marked dead and no longer
+/// counted as open.
+struct Driving {
+    dead: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        self.dead.store(true, Ordering::Relaxed);
+        self.metrics.tunnels_open.dec();
+    }
 }
 
 /// Counts a stream against its pooled connection until dropped.
@@ -104,6 +121,7 @@ pub struct Dialer {
     tls: watch::Receiver<Arc<Material>>,
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
+    response_timeout: Duration,
     gateway_backoff: Duration,
     pool: Mutex<HashMap<String, Vec<Arc<Pooled>>>>,
     /// Serialises connection set-up per gateway so that a burst of new connections
@@ -137,6 +155,7 @@ impl Dialer {
             tls,
             metrics,
             connect_timeout,
+            response_timeout: RESPONSE_TIMEOUT,
             gateway_backoff: Duration::from_secs(5),
             pool: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
@@ -145,6 +164,12 @@ impl Dialer {
             h1_peers: Mutex::new(HashSet::new()),
             force_h1,
         }
+    }
+
+    /// How long a remote gateway gets to answer a CONNECT (default `RESPONSE_TIMEOUT`).
+    pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
     }
 
     fn wants_h1(&self, peer: &Peer) -> bool {
@@ -214,7 +239,7 @@ impl Dialer {
     ) -> Result<Tunnel, Error> {
         if self.wants_h1(peer) {
             let tls = self.dial_tls(peer, gw, false).await?;
-            return connect_h1(tls, peer, gw, token, early).await;
+            return connect_h1(tls, peer, gw, token, early, self.response_timeout).await;
         }
         match self.open_h2(peer, gw, token, early).await {
             Err(Error::Refused {
@@ -225,7 +250,7 @@ impl Dialer {
                 tracing::info!(peer = %peer.name, %status, "h2 CONNECT failed; using HTTP/1.1 CONNECT for this peer");
                 lock(&self.h1_peers).insert(peer.name.clone());
                 let tls = self.dial_tls(peer, gw, false).await?;
-                connect_h1(tls, peer, gw, token, early).await
+                connect_h1(tls, peer, gw, token, early, self.response_timeout).await
             }
             other => other,
         }
@@ -375,17 +400,18 @@ impl Dialer {
                 reason: format!("h2 handshake: {e}"),
             })?;
         let dead = Arc::new(AtomicBool::new(false));
-        let metrics = self.metrics.clone();
-        metrics.tunnels_open.inc();
+        self.metrics.tunnels_open.inc();
         {
-            let dead = dead.clone();
+            let driving = Driving {
+                dead: dead.clone(),
+                metrics: self.metrics.clone(),
+            };
             let gw = gw.to_owned();
             tokio::spawn(async move {
+                let _driving = driving;
                 if let Err(e) = conn.await {
                     tracing::debug!(gateway = %gw, error = %e, "pooled tunnel ended");
                 }
-                dead.store(true, Ordering::Relaxed);
-                metrics.tunnels_open.dec();
             });
         }
         let pooled = Arc::new(Pooled {
@@ -413,7 +439,9 @@ impl Dialer {
         for attempt in 0..2 {
             let pooled = match self.pooled(peer, gw).await? {
                 Ok(p) => p,
-                Err(tls) => return connect_h1(tls, peer, gw, token, early).await,
+                Err(tls) => {
+                    return connect_h1(tls, peer, gw, token, early, self.response_timeout).await
+                }
             };
             pooled.active.fetch_add(1, Ordering::Relaxed);
             let lease = StreamLease(pooled.active.clone());
@@ -455,7 +483,7 @@ impl Dialer {
                     });
                 }
             };
-            let response = match tokio::time::timeout(RESPONSE_TIMEOUT, response).await {
+            let response = match tokio::time::timeout(self.response_timeout, response).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) if e.is_go_away() || e.is_io() => {
                     pooled.dead.store(true, Ordering::Relaxed);
@@ -571,6 +599,7 @@ async fn connect_h1(
     gw: &str,
     token: &str,
     early: &Bytes,
+    response_timeout: Duration,
 ) -> Result<Tunnel, Error> {
     let gerr = |reason: String| Error::Gateway {
         gateway: gw.to_owned(),
@@ -610,7 +639,7 @@ async fn connect_h1(
             }
         }
     };
-    let (len, status) = tokio::time::timeout(RESPONSE_TIMEOUT, read_head)
+    let (len, status) = tokio::time::timeout(response_timeout, read_head)
         .await
         .map_err(|_| gerr("no answer to CONNECT".into()))??;
     if status == 200 {
@@ -694,6 +723,31 @@ mod tests {
         anyhow::ensure!(sock.tcp_keepalive_time()? == Duration::from_secs(30));
         anyhow::ensure!(sock.tcp_keepalive_interval()? == Duration::from_secs(10));
         drop(client);
+        Ok(())
+    }
+
+    #[test]
+    fn a_driver_dropped_at_shutdown_is_no_longer_counted() -> anyhow::Result<()> {
+        let metrics = Arc::new(Metrics::new());
+        let dead = Arc::new(AtomicBool::new(false));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        metrics.tunnels_open.inc();
+        let driving = Driving {
+            dead: dead.clone(),
+            metrics: metrics.clone(),
+        };
+        // A driver that never finishes on its own, like one whose connection is idle.
+        rt.spawn(async move {
+            let _driving = driving;
+            std::future::pending::<()>().await;
+        });
+        rt.block_on(tokio::task::yield_now());
+        anyhow::ensure!(metrics.tunnels_open.get() == 1);
+        drop(rt);
+        anyhow::ensure!(metrics.tunnels_open.get() == 0, "still counted");
+        anyhow::ensure!(dead.load(Ordering::Relaxed), "not marked dead");
         Ok(())
     }
 }
