@@ -408,33 +408,49 @@ struct EarlyPeer {
     _dir: TempDir,
 }
 
+/// Files of peers A and B of one fabric, in a temporary directory.
+fn two_peers(prefix: &str) -> Result<(TempDir, PeerFiles, PeerFiles)> {
+    let fabric = Fabric::new("early-data-fabric")?;
+    let dir = TempDir::new(prefix)?;
+    let files_a = PeerFiles::write(
+        &dir.path().join(PEER_A),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_A)?,
+    )?;
+    let files_b = PeerFiles::write(
+        &dir.path().join(PEER_B),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_B)?,
+    )?;
+    Ok((dir, files_a, files_b))
+}
+
+/// Gateway A importing `default/echo` from peer B at `gw`, with a slow authorization
+/// answer (200 ms); returns it, its import address and its control plane.
+async fn importer_with_slow_authz(
+    files_a: &PeerFiles,
+    gw: std::net::SocketAddr,
+) -> Result<(dataplane::Running, std::net::SocketAddr, FakeControlPlane)> {
+    let cp = FakeControlPlane::start(importer_snapshot(gw))?;
+    let allow = allow_to_b();
+    cp.set_egress(move |req| {
+        std::thread::sleep(Duration::from_millis(200));
+        allow(req)
+    });
+    let a = dataplane::start(gateway_config(files_a, cp.addr)).await?;
+    wait_ready(&a).await?;
+    let import = a
+        .import_addr(&format!("{NS}/{SERVICE}"))
+        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    Ok((a, import, cp))
+}
+
 impl EarlyPeer {
     async fn start(drop_after_first: bool) -> Result<EarlyPeer> {
         init_logs();
-        let fabric = Fabric::new("early-data-fabric")?;
-        let dir = TempDir::new("cl-early")?;
-        let files_a = PeerFiles::write(
-            &dir.path().join(PEER_A),
-            &fabric.ca_pem,
-            &fabric.issue(PEER_A)?,
-        )?;
-        let files_b = PeerFiles::write(
-            &dir.path().join(PEER_B),
-            &fabric.ca_pem,
-            &fabric.issue(PEER_B)?,
-        )?;
+        let (dir, files_a, files_b) = two_peers("cl-early")?;
         let (gw, firsts) = data_before_answer_gateway(files_b, drop_after_first).await?;
-        let cp = FakeControlPlane::start(importer_snapshot(gw))?;
-        let allow = allow_to_b();
-        cp.set_egress(move |req| {
-            std::thread::sleep(Duration::from_millis(200));
-            allow(req)
-        });
-        let a = dataplane::start(gateway_config(&files_a, cp.addr)).await?;
-        wait_ready(&a).await?;
-        let import = a
-            .import_addr(&format!("{NS}/{SERVICE}"))
-            .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+        let (a, import, cp) = importer_with_slow_authz(&files_a, gw).await?;
         Ok(EarlyPeer {
             a,
             import,
@@ -500,5 +516,387 @@ async fn first_bytes_are_not_sent_twice_when_the_tunnel_fails() -> Result<()> {
         firsts.try_recv().is_err(),
         "the request was sent again after the tunnel failed"
     );
+    Ok(())
+}
+
+/// A TLS acceptor with the certificate of `files` (ALPN h2 and http/1.1).
+fn acceptor(files: &PeerFiles) -> Result<tokio_rustls::TlsAcceptor> {
+    let material = dataplane::tls::Material::load(
+        &dataplane::tls::CertPaths {
+            ca: files.ca.clone(),
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        },
+        1,
+    )?;
+    Ok(tokio_rustls::TlsAcceptor::from(material.server.clone()))
+}
+
+/// A TCP echo target that also keeps every byte it receives, over all connections.
+async fn recording_echo() -> Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let all = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let all = all.clone();
+            tokio::spawn(async move {
+                let mut b = [0u8; 4096];
+                loop {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if let Ok(mut all) = all.lock() {
+                                all.extend_from_slice(&b[..n]);
+                            }
+                            if s.write_all(&b[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok((addr, received))
+}
+
+/// An HTTP/2 frame header.
+fn frame_head(len: usize, kind: u8, flags: u8, stream: u32) -> [u8; 9] {
+    let l = (len as u32).to_be_bytes();
+    let s = stream.to_be_bytes();
+    [l[1], l[2], l[3], kind, flags, s[0], s[1], s[2], s[3]]
+}
+
+/// Speaks raw HTTP/2 as a server on `tls`: reads one request and the DATA that follows
+/// it (for up to 5 s), then answers GOAWAY(NO_ERROR) naming stream 0 as the last one
+/// processed, i.e. that request was not, as when a request crosses the GOAWAY of a
+/// gateway that is shutting down. (h2's server cannot say that: it counts a stream as
+/// processed once it has read its HEADERS.) Returns the request's DATA.
+async fn unprocessed_by_goaway<S>(mut tls: S) -> Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const DATA: u8 = 0x0;
+    const HEADERS: u8 = 0x1;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const ACK: u8 = 0x1;
+    let mut preface = [0u8; PREFACE.len()];
+    tls.read_exact(&mut preface).await?;
+    ensure!(preface == PREFACE, "not an HTTP/2 client: {preface:?}");
+    tls.write_all(&frame_head(0, SETTINGS, 0, 0)).await?;
+    tls.flush().await?;
+    let mut data = Vec::new();
+    let read = async {
+        let mut request = false;
+        while !request || data.is_empty() {
+            let mut head = [0u8; 9];
+            tls.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            tls.read_exact(&mut payload).await?;
+            match (head[3], head[4]) {
+                (SETTINGS, flags) if flags & ACK == 0 => {
+                    tls.write_all(&frame_head(0, SETTINGS, ACK, 0)).await?;
+                    tls.flush().await?;
+                }
+                (HEADERS, _) => request = true,
+                // h2 does not pad DATA.
+                (DATA, _) => data.extend_from_slice(&payload),
+                _ => {}
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    // Without the DATA (a test failure), the GOAWAY is sent anyway.
+    if let Ok(read) = tokio::time::timeout(Duration::from_secs(5), read).await {
+        read?;
+    }
+    let mut goaway = frame_head(8, GOAWAY, 0, 0).to_vec();
+    goaway.extend_from_slice(&0u32.to_be_bytes()); // last stream id
+    goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+    tls.write_all(&goaway).await?;
+    tls.flush().await?;
+    // The dialer closes the connection once it has let go of it.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(T, tls.read_to_end(&mut rest)).await;
+    Ok(data)
+}
+
+/// Answers every CONNECT on an h2 connection with 200 and splices its stream to `target`.
+async fn tunnel_to<S>(tls: S, target: std::net::SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(mut conn) = h2::server::handshake(tls).await else {
+        return;
+    };
+    while let Some(Ok((req, mut respond))) = conn.accept().await {
+        tokio::spawn(async move {
+            let Ok(up) = TcpStream::connect(target).await else {
+                return;
+            };
+            let Ok(resp) = http::Response::builder()
+                .status(200)
+                .header(
+                    dataplane::tunnel::PROTOCOLS_HEADER,
+                    dataplane::tunnel::PROTOCOLS_VALUE,
+                )
+                .body(())
+            else {
+                return;
+            };
+            let Ok(mut send) = respond.send_response(resp, false) else {
+                return;
+            };
+            let (mut r, mut w) = up.into_split();
+            let mut body = req.into_body();
+            let to_target = async move {
+                while let Some(Ok(d)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(d.len());
+                    if w.write_all(&d).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = w.shutdown().await;
+            };
+            let from_target = async move {
+                let mut b = vec![0u8; 4096];
+                loop {
+                    match r.read(&mut b).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let chunk = bytes::Bytes::copy_from_slice(&b[..n]);
+                            if send.send_data(chunk, false).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = send.send_data(bytes::Bytes::new(), true);
+            };
+            tokio::join!(to_target, from_target);
+        });
+    }
+}
+
+/// A remote gateway whose connections tunnel to `target`, except the first one if
+/// `goaway_first`: that one refuses its one request with a graceful GOAWAY (see
+/// `unprocessed_by_goaway`) and reports that request's DATA. Counts TLS connections.
+async fn tunnel_gateway(
+    files: PeerFiles,
+    target: std::net::SocketAddr,
+    goaway_first: bool,
+) -> Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+)> {
+    use std::sync::atomic::Ordering;
+    let acceptor = acceptor(&files)?;
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = conns.clone();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, counted, tx) = (acceptor.clone(), counted.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if counted.fetch_add(1, Ordering::Relaxed) == 0 && goaway_first {
+                    match unprocessed_by_goaway(tls).await {
+                        Ok(data) => {
+                            let _ = tx.send(data);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "first connection"),
+                    }
+                } else {
+                    tunnel_to(tls, target).await;
+                }
+            });
+        }
+    });
+    Ok((addr, conns, rx))
+}
+
+/// A graceful GOAWAY naming an earlier stream than the CONNECT's says the remote did
+/// not process it: gateway A retries it on a new connection, although the client's
+/// first bytes went out with it, and they reach the target once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_refused_by_graceful_goaway_is_retried_on_a_new_connection() -> Result<()> {
+    init_logs();
+    let (_dir, files_a, files_b) = two_peers("cl-goaway")?;
+    let (target, received) = recording_echo().await?;
+    let (gw, tls_conns, mut unprocessed) = tunnel_gateway(files_b, target, true).await?;
+    let (_a, import, _cp) = importer_with_slow_authz(&files_a, gw).await?;
+    let mut c = TcpStream::connect(import).await?;
+    c.write_all(b"hello").await?;
+    let first = tokio::time::timeout(T, unprocessed.recv())
+        .await?
+        .context("the first connection saw no request")?;
+    ensure!(
+        first == b"hello",
+        "the refused request carried {first:?}, not the client's first bytes"
+    );
+    let mut back = [0u8; 5];
+    tokio::time::timeout(T, c.read_exact(&mut back))
+        .await?
+        .context("the CONNECT was not retried")?;
+    ensure!(&back == b"hello", "{back:?}");
+    c.write_all(b" again").await?;
+    let mut back = [0u8; 6];
+    tokio::time::timeout(T, c.read_exact(&mut back)).await??;
+    ensure!(&back == b" again", "{back:?}");
+    let conns = tls_conns.load(std::sync::atomic::Ordering::Relaxed);
+    ensure!(
+        conns == 2,
+        "{conns} TLS connections to the remote gateway, not 2"
+    );
+    let received = received
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    ensure!(
+        received == b"hello again",
+        "the target received {:?}",
+        String::from_utf8_lossy(&received)
+    );
+    Ok(())
+}
+
+/// A remote gateway that takes CONNECT requests over h2 and never answers them; reports
+/// the DATA of each request once the dialer gives up on it (resets it).
+async fn silent_gateway(
+    files: PeerFiles,
+) -> Result<(
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+)> {
+    let acceptor = acceptor(&files)?;
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut data = Vec::new();
+                        while let Some(Ok(d)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(d.len());
+                            data.extend_from_slice(&d);
+                        }
+                        let _ = tx.send(data);
+                        drop(respond);
+                    });
+                }
+            });
+        }
+    });
+    Ok((addr, rx))
+}
+
+/// A dialer as gateway A's, with `response_timeout`, outside a gateway.
+fn dialer_of(files_a: &PeerFiles, response_timeout: Duration) -> Result<dataplane::tunnel::Dialer> {
+    let material = dataplane::tls::Material::load(
+        &dataplane::tls::CertPaths {
+            ca: files_a.ca.clone(),
+            cert: files_a.cert.clone(),
+            key: files_a.key.clone(),
+        },
+        1,
+    )?;
+    let (_, tls) = tokio::sync::watch::channel(std::sync::Arc::new(material));
+    Ok(dataplane::tunnel::Dialer::new(
+        tls,
+        std::sync::Arc::new(dataplane::metrics::Metrics::new()),
+        Duration::from_secs(1),
+        false,
+    )
+    .with_response_timeout(response_timeout))
+}
+
+/// A CONNECT left unanswered is given up on after the response timeout. If the client's
+/// first bytes went out with it, the peer's next gateway is not tried (the first one
+/// may still deliver them to the target); without them, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_connect_fails_over_only_without_first_bytes() -> Result<()> {
+    use dataplane::tunnel::{Error, Tunnel};
+    init_logs();
+    // Short, and well under the default (10 s) that `within` would catch.
+    let response_timeout = Duration::from_millis(500);
+    let within = Duration::from_secs(5);
+    let (_dir, files_a, files_b) = two_peers("cl-silent")?;
+    let (silent, mut silent_got) = silent_gateway(files_b.clone()).await?;
+    let (standby, standby_conns, _) = tunnel_gateway(files_b, start_echo().await?, false).await?;
+    let standby_conns = move || standby_conns.load(std::sync::atomic::Ordering::Relaxed);
+    let peer = dataplane::snapshot::Peer {
+        name: PEER_B.into(),
+        gateways: vec![silent.to_string(), standby.to_string()],
+        protocol: dataplane::snapshot::Protocol::Auto,
+    };
+    let token = token_for(PEER_A, 60, 1);
+
+    let dialer = dialer_of(&files_a, response_timeout)?;
+    let early = bytes::Bytes::from_static(b"hello");
+    let opened = tokio::time::timeout(within, dialer.open(&peer, &token, &early))
+        .await
+        .context("no answer to CONNECT, and the dialer still waits")?;
+    match opened {
+        Err(Error::Interrupted { gateway, reason }) => ensure!(
+            gateway == silent.to_string() && reason == "no answer to CONNECT",
+            "{gateway}: {reason}"
+        ),
+        Err(e) => anyhow::bail!("unexpected error: {e}"),
+        Ok(_) => anyhow::bail!("a tunnel opened: the first bytes were sent to another gateway"),
+    }
+    let got = tokio::time::timeout(T, silent_got.recv())
+        .await?
+        .context("the silent gateway saw no request")?;
+    ensure!(got == b"hello", "the silent gateway got {got:?}");
+    ensure!(
+        standby_conns() == 0,
+        "the standby gateway was dialled ({} connections)",
+        standby_conns()
+    );
+
+    let dialer = dialer_of(&files_a, response_timeout)?;
+    let opened = tokio::time::timeout(T, dialer.open(&peer, &token, &bytes::Bytes::new())).await?;
+    let (mut send, mut recv) = match opened {
+        Ok(Tunnel::H2 { send, recv, .. }) => (send, recv),
+        Ok(Tunnel::H1(_)) => anyhow::bail!("fell back to HTTP/1.1"),
+        Err(e) => anyhow::bail!("not failed over: {e}"),
+    };
+    let got = tokio::time::timeout(T, silent_got.recv())
+        .await?
+        .context("the silent gateway saw no request")?;
+    ensure!(got.is_empty(), "the silent gateway got {got:?}");
+    ensure!(standby_conns() == 1, "{} connections", standby_conns());
+    // The tunnel goes through the standby gateway.
+    send.send_data(bytes::Bytes::from_static(b"ping"), true)?;
+    let mut back = Vec::new();
+    while let Some(d) = tokio::time::timeout(T, recv.data()).await? {
+        back.extend_from_slice(&d?);
+    }
+    ensure!(back == b"ping", "{back:?}");
     Ok(())
 }
