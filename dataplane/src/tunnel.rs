@@ -40,6 +40,12 @@ pub const PROTOCOLS_VALUE: &str = "h2, http/1.1";
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 256 * 1024;
+/// Most DATA bytes h2 buffers per stream before the stream must wait for the socket.
+/// 1 MiB before: with 8 streams that kept up to 8 MiB of read data in flight per
+/// gateway, far beyond the caches, for no gain (benches/README.md: 8 streams +8 %
+/// at 256 KiB; 1 stream unchanged). It also bounds what a stream holds for a slow
+/// remote.
+pub const SEND_BUFFER: usize = 256 * 1024;
 /// Longest response head accepted from a remote gateway.
 const MAX_HEAD: usize = 16 * 1024;
 /// How long a remote gateway gets to answer a CONNECT, unless
@@ -391,7 +397,7 @@ impl Dialer {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .max_send_buffer_size(1024 * 1024)
+            .max_send_buffer_size(SEND_BUFFER)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await
