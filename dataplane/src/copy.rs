@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::io::poll_read_buf;
 
 /// Size of one read from a socket. Large reads mean fewer syscalls and full 16 KiB TLS
-/// records. Not varied by a measurement yet (benches/README.md lists the levers tried).
+/// records. 256 KiB reads made no clear difference (benches/README.md, levers tried).
 pub const READ_SIZE: usize = 64 * 1024;
 
 /// A read at least this large means the local side streams: the copy loop then reads
