@@ -307,19 +307,21 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 
     let id = format!("{}-{}", shared.tls.borrow().identity, std::process::id());
     tokio::spawn(cp.follow(id, store.clone(), metrics, halt_rx.clone()));
-    for index in 0..workers.acceptors() {
-        // Each accepting worker has its own descriptor of the one listening socket.
-        let listener = gateway.try_clone().map_err(|source| Error::Bind {
+    // Each accepting worker has its own descriptor of the one listening socket.
+    let copies = workers
+        .listener_copies(&gateway)
+        .map_err(|source| Error::Bind {
             what: "gateway port",
             addr: gateway_addr,
             source,
         })?;
+    drop(gateway);
+    for (index, listener) in copies.into_iter().enumerate() {
         workers.spawn_on(
             index,
             inbound::serve(listener, index, shared.clone(), drain_rx.clone()),
         );
     }
-    drop(gateway);
     tokio::spawn(admin::serve(admin, shared.clone(), halt_rx.clone()));
     // Import listeners follow the snapshot.
     {

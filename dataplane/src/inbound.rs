@@ -141,7 +141,7 @@ async fn serve_h2(
         .initial_connection_window_size(tunnel::CONN_WINDOW)
         .max_frame_size(tunnel::MAX_FRAME)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_send_buffer_size(crate::tunnel::SEND_BUFFER)
+        .max_send_buffer_size(tunnel::SEND_BUFFER)
         .max_concurrent_streams(1000)
         .handshake::<_, Bytes>(tls);
     let mut conn = match tokio::time::timeout(shared.handshake_timeout, handshake).await {

@@ -166,10 +166,7 @@ impl Imports {
                 .and_then(|listener| {
                     tunnel::tune_listener(&listener);
                     let addr = listener.local_addr()?;
-                    let listener = listener.into_std()?;
-                    let copies = (0..shared.workers.acceptors())
-                        .map(|_| listener.try_clone())
-                        .collect::<std::io::Result<Vec<_>>>()?;
+                    let copies = shared.workers.listener_copies(&listener.into_std()?)?;
                     Ok((addr, copies))
                 });
             match bound {

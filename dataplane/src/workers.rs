@@ -166,6 +166,16 @@ impl Workers {
         self.handles.len().min(MAX_ACCEPTORS)
     }
 
+    /// One descriptor of `listener` per accepting worker, in worker order.
+    pub fn listener_copies(
+        &self,
+        listener: &std::net::TcpListener,
+    ) -> std::io::Result<Vec<std::net::TcpListener>> {
+        (0..self.acceptors())
+            .map(|_| listener.try_clone())
+            .collect()
+    }
+
     /// Runs `task` on worker `index` (modulo the worker count).
     pub fn spawn_on<F>(&self, index: usize, task: F) -> JoinHandle<F::Output>
     where

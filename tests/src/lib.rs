@@ -164,6 +164,16 @@ impl PeerFiles {
         Ok(f)
     }
 
+    /// The peer's TLS material, loaded as a data plane loads it.
+    pub fn material(&self) -> Result<dataplane::tls::Material> {
+        let paths = dataplane::tls::CertPaths {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        };
+        Ok(dataplane::tls::Material::load(&paths, 1)?)
+    }
+
     /// Replaces the files atomically (write then rename), as a secret update would.
     pub fn replace(&self, ca_pem: &str, cert: &PeerCert) -> Result<()> {
         for (path, data) in [
@@ -421,6 +431,24 @@ pub const PEER_B: &str = "peer-b";
 pub const NS: &str = "default";
 pub const SERVICE: &str = "echo";
 pub const TOKEN_KEY: &[u8; 32] = b"fabric-test-token-key-32-bytes!!";
+
+/// Certificate files of peers A and B of one new fabric, in a new temporary directory
+/// (named after `name`, as the fabric is).
+pub fn two_peer_files(name: &str) -> Result<(TempDir, PeerFiles, PeerFiles)> {
+    let fabric = Fabric::new(name)?;
+    let dir = TempDir::new(name)?;
+    let files_a = PeerFiles::write(
+        &dir.path().join(PEER_A),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_A)?,
+    )?;
+    let files_b = PeerFiles::write(
+        &dir.path().join(PEER_B),
+        &fabric.ca_pem,
+        &fabric.issue(PEER_B)?,
+    )?;
+    Ok((dir, files_a, files_b))
+}
 
 pub fn gateway_config(files: &PeerFiles, cp: impl std::fmt::Display) -> dataplane::Config {
     dataplane::Config {

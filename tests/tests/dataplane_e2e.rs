@@ -399,18 +399,7 @@ async fn first_connection_only(to: std::net::SocketAddr) -> Result<std::net::Soc
 async fn failed_pool_growth_falls_back_to_the_working_connection() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     init_logs();
-    let fabric = Fabric::new("pool-fabric")?;
-    let dir = TempDir::new("cl-pool")?;
-    let files_a = PeerFiles::write(
-        &dir.path().join(PEER_A),
-        &fabric.ca_pem,
-        &fabric.issue(PEER_A)?,
-    )?;
-    let files_b = PeerFiles::write(
-        &dir.path().join(PEER_B),
-        &fabric.ca_pem,
-        &fabric.issue(PEER_B)?,
-    )?;
+    let (_dir, files_a, files_b) = two_peer_files("cl-pool")?;
     let target = start_echo().await?;
     let cp_b = FakeControlPlane::start(exporter_snapshot(target))?;
     let b = dataplane::start(gateway_config(&files_b, cp_b.addr)).await?;

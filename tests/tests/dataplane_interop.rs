@@ -207,15 +207,7 @@ async fn go_like_gateway(
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 )> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let material = dataplane::tls::Material::load(
-        &dataplane::tls::CertPaths {
-            ca: files.ca.clone(),
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-        },
-        1,
-    )?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(material.server.clone());
+    let acceptor = acceptor(&files)?;
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     let h2_refusals = std::sync::Arc::new(AtomicUsize::new(0));
@@ -275,18 +267,7 @@ async fn go_like_gateway(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falls_back_to_http1_for_a_peer_that_cannot_tunnel_over_h2() -> Result<()> {
     init_logs();
-    let fabric = Fabric::new("interop-fabric")?;
-    let dir = TempDir::new("cl-go-peer")?;
-    let files_a = PeerFiles::write(
-        &dir.path().join(PEER_A),
-        &fabric.ca_pem,
-        &fabric.issue(PEER_A)?,
-    )?;
-    let files_b = PeerFiles::write(
-        &dir.path().join(PEER_B),
-        &fabric.ca_pem,
-        &fabric.issue(PEER_B)?,
-    )?;
+    let (_dir, files_a, files_b) = two_peer_files("cl-go-peer")?;
     let echo = start_echo().await?;
     let (gw, h2_refusals) = go_like_gateway(files_b, echo).await?;
     let cp = FakeControlPlane::start(importer_snapshot(gw))?;
@@ -321,15 +302,7 @@ async fn data_before_answer_gateway(
     std::net::SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
 )> {
-    let material = dataplane::tls::Material::load(
-        &dataplane::tls::CertPaths {
-            ca: files.ca.clone(),
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-        },
-        1,
-    )?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(material.server.clone());
+    let acceptor = acceptor(&files)?;
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -370,14 +343,7 @@ async fn data_before_answer_gateway(
                             _ => Vec::new(),
                         };
                         let _ = tx.send(first.clone());
-                        let Ok(resp) = http::Response::builder()
-                            .status(200)
-                            .header(
-                                dataplane::tunnel::PROTOCOLS_HEADER,
-                                dataplane::tunnel::PROTOCOLS_VALUE,
-                            )
-                            .body(())
-                        else {
+                        let Ok(resp) = ours_ok() else {
                             return;
                         };
                         let Ok(mut send) = respond.send_response(resp, false) else {
@@ -408,23 +374,6 @@ struct EarlyPeer {
     _dir: TempDir,
 }
 
-/// Files of peers A and B of one fabric, in a temporary directory.
-fn two_peers(prefix: &str) -> Result<(TempDir, PeerFiles, PeerFiles)> {
-    let fabric = Fabric::new("early-data-fabric")?;
-    let dir = TempDir::new(prefix)?;
-    let files_a = PeerFiles::write(
-        &dir.path().join(PEER_A),
-        &fabric.ca_pem,
-        &fabric.issue(PEER_A)?,
-    )?;
-    let files_b = PeerFiles::write(
-        &dir.path().join(PEER_B),
-        &fabric.ca_pem,
-        &fabric.issue(PEER_B)?,
-    )?;
-    Ok((dir, files_a, files_b))
-}
-
 /// Gateway A importing `default/echo` from peer B at `gw`, with a slow authorization
 /// answer (200 ms); returns it, its import address and its control plane.
 async fn importer_with_slow_authz(
@@ -448,7 +397,7 @@ async fn importer_with_slow_authz(
 impl EarlyPeer {
     async fn start(drop_after_first: bool) -> Result<EarlyPeer> {
         init_logs();
-        let (dir, files_a, files_b) = two_peers("cl-early")?;
+        let (dir, files_a, files_b) = two_peer_files("cl-early")?;
         let (gw, firsts) = data_before_answer_gateway(files_b, drop_after_first).await?;
         let (a, import, cp) = importer_with_slow_authz(&files_a, gw).await?;
         Ok(EarlyPeer {
@@ -519,17 +468,20 @@ async fn first_bytes_are_not_sent_twice_when_the_tunnel_fails() -> Result<()> {
     Ok(())
 }
 
+/// The 200 our gateway answers a CONNECT with (with our protocols header).
+fn ours_ok() -> http::Result<http::Response<()>> {
+    http::Response::builder()
+        .status(200)
+        .header(
+            dataplane::tunnel::PROTOCOLS_HEADER,
+            dataplane::tunnel::PROTOCOLS_VALUE,
+        )
+        .body(())
+}
+
 /// A TLS acceptor with the certificate of `files` (ALPN h2 and http/1.1).
 fn acceptor(files: &PeerFiles) -> Result<tokio_rustls::TlsAcceptor> {
-    let material = dataplane::tls::Material::load(
-        &dataplane::tls::CertPaths {
-            ca: files.ca.clone(),
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-        },
-        1,
-    )?;
-    Ok(tokio_rustls::TlsAcceptor::from(material.server.clone()))
+    Ok(tokio_rustls::TlsAcceptor::from(files.material()?.server))
 }
 
 /// A TCP echo target that also keeps every byte it receives, over all connections.
@@ -643,14 +595,7 @@ where
             let Ok(up) = TcpStream::connect(target).await else {
                 return;
             };
-            let Ok(resp) = http::Response::builder()
-                .status(200)
-                .header(
-                    dataplane::tunnel::PROTOCOLS_HEADER,
-                    dataplane::tunnel::PROTOCOLS_VALUE,
-                )
-                .body(())
-            else {
+            let Ok(resp) = ours_ok() else {
                 return;
             };
             let Ok(mut send) = respond.send_response(resp, false) else {
@@ -735,7 +680,7 @@ async fn tunnel_gateway(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_refused_by_graceful_goaway_is_retried_on_a_new_connection() -> Result<()> {
     init_logs();
-    let (_dir, files_a, files_b) = two_peers("cl-goaway")?;
+    let (_dir, files_a, files_b) = two_peer_files("cl-goaway")?;
     let (target, received) = recording_echo().await?;
     let (gw, tls_conns, mut unprocessed) = tunnel_gateway(files_b, target, true).await?;
     let (_a, import, _cp) = importer_with_slow_authz(&files_a, gw).await?;
@@ -817,15 +762,7 @@ async fn silent_gateway(
 
 /// A dialer as gateway A's, with `response_timeout`, outside a gateway.
 fn dialer_of(files_a: &PeerFiles, response_timeout: Duration) -> Result<dataplane::tunnel::Dialer> {
-    let material = dataplane::tls::Material::load(
-        &dataplane::tls::CertPaths {
-            ca: files_a.ca.clone(),
-            cert: files_a.cert.clone(),
-            key: files_a.key.clone(),
-        },
-        1,
-    )?;
-    let (_, tls) = tokio::sync::watch::channel(std::sync::Arc::new(material));
+    let (_, tls) = tokio::sync::watch::channel(std::sync::Arc::new(files_a.material()?));
     Ok(dataplane::tunnel::Dialer::new(
         tls,
         std::sync::Arc::new(dataplane::metrics::Metrics::new()),
@@ -846,7 +783,7 @@ async fn unanswered_connect_fails_over_only_without_first_bytes() -> Result<()> 
     // the standby to answer in the second part on a loaded machine.
     let response_timeout = Duration::from_secs(2);
     let within = Duration::from_secs(8);
-    let (_dir, files_a, files_b) = two_peers("cl-silent")?;
+    let (_dir, files_a, files_b) = two_peer_files("cl-silent")?;
     let (silent, mut silent_got) = silent_gateway(files_b.clone()).await?;
     let (standby, standby_conns, _) = tunnel_gateway(files_b, start_echo().await?, false).await?;
     let standby_conns = move || standby_conns.load(std::sync::atomic::Ordering::Relaxed);
