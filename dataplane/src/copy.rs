@@ -24,18 +24,13 @@ use tokio_util::io::poll_read_buf;
 /// records. 256 KiB reads made no clear difference (benches/README.md, levers tried).
 pub const READ_SIZE: usize = 64 * 1024;
 
-/// Buffer size of an interactive read (one after a read smaller than this). A read
-/// that fills it means the local side streams: the copy loop then reads again
-/// without waiting for the next readiness event, into `READ_SIZE` buffers, while
-/// smaller reads (request/response traffic) wait for it instead of spending a read
-/// on WouldBlock. Measured (benches/README.md): clearing the readiness after every
-/// short read cost 5-15 % of single-stream throughput, as each read then waited for
-/// epoll; with this split, bulk is as before and ping-pong saves its read per
-/// message. Small, so that a message (or the end of stream) costs a small allocation
-/// instead of a 68 KiB one; below 4 KiB, where glibc's memcpy switches to
-/// `rep movsb` (AVX2), so rustls's copy of these bytes cannot hit the alignment trap
-/// that `DATA_PHASE` avoids.
-const SMALL_READ: usize = 4 * 1024 - 64;
+/// A read at least this large means the local side streams: the copy loop then reads
+/// again without waiting for the next readiness event, while smaller reads
+/// (request/response traffic) wait for it instead of spending a read on WouldBlock.
+/// Measured (benches/README.md): clearing the readiness after every short read cost
+/// 5-15 % of single-stream throughput, as each read then waited for epoll; with this
+/// split, bulk is as before and ping-pong saves its read per message.
+const STREAMING_READ: usize = 4 * 1024;
 
 /// Most bytes read from a socket into one h2 DATA frame: with the frame's 9-byte
 /// header the frame is exactly 64 KiB, four full 16 KiB TLS records, and rustls takes
@@ -198,13 +193,8 @@ async fn tcp_to_h2(
                 std::task::Poll::Pending
             }) => return Err(Failure::Remote),
         }
-        let streaming = last >= SMALL_READ;
-        let mut buf = if streaming {
-            phased_buf()
-        } else {
-            BytesMut::with_capacity(SMALL_READ)
-        };
-        let read = if streaming {
+        let mut buf = phased_buf();
+        let read = if last >= STREAMING_READ {
             // Streaming: more has probably arrived while the last read was sent on, so
             // read again at once (the readiness is kept until a read finds nothing).
             r.try_read_buf(&mut (&mut buf).limit(H2_READ))
@@ -214,7 +204,7 @@ async fn tcp_to_h2(
             // does), so the next turn waits in `readable()` instead of spending a read
             // on WouldBlock: one syscall less per message, on the latency path.
             poll_fn(|cx| {
-                match poll_read_buf(Pin::new(&mut r), cx, &mut (&mut buf).limit(SMALL_READ)) {
+                match poll_read_buf(Pin::new(&mut r), cx, &mut (&mut buf).limit(H2_READ)) {
                     Poll::Pending => Poll::Ready(Err(io::ErrorKind::WouldBlock.into())),
                     Poll::Ready(res) => Poll::Ready(res),
                 }
@@ -1022,33 +1012,6 @@ mod tests {
             "largest DATA frame only {far_max} bytes"
         );
         Ok(())
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn interactive_reads_use_small_buffers() -> anyhow::Result<()> {
-        timeout(TIMEOUT, async {
-            let c = counters()?;
-            let (mut peer, tcp) = tcp_pair().await?;
-            let mut s = h2_stream(None).await?;
-            // Already waiting when the splice starts, so its first read (interactive:
-            // nothing was read before) could take it all at once.
-            let up = payload(10_000, 21);
-            peer.write_all(&up).await?;
-            let _splice = spawn_h2(tcp, s.send, s.recv, &c);
-            let mut frames = Vec::new();
-            let mut got = Vec::new();
-            while got.len() < up.len() {
-                let data = s.far_recv.data().await.context("stream ended")??;
-                frames.push(data.len());
-                got.extend_from_slice(&data);
-            }
-            assert!(got[..] == up[..], "up: got {} bytes", got.len());
-            // The first read went into a small buffer; having filled it, the loop
-            // streamed the rest without waiting for readiness.
-            assert_eq!(frames.first(), Some(&SMALL_READ), "frames: {frames:?}");
-            Ok(())
-        })
-        .await?
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
