@@ -57,24 +57,33 @@ async fn round_trip(
     Ok(())
 }
 
+/// The far side over h2: accepts one CONNECT stream and echoes it, the stream in
+/// this task and the connection in a task of its own, as in the gateway.
+async fn h2_echo(io: DuplexStream) -> anyhow::Result<()> {
+    let mut conn = h2::server::handshake(io).await?;
+    let (req, mut respond) = conn.accept().await.context("no stream")??;
+    tokio::spawn(async move { while let Some(Ok(_)) = conn.accept().await {} });
+    let mut body = req.into_body();
+    let mut out = respond.send_response(http::Response::new(()), false)?;
+    loop {
+        let data = recv(&mut body).await?;
+        send(&mut out, data).await?;
+    }
+}
+
+/// The far side over the bare pipe: echoes it.
+async fn pipe_echo(mut io: DuplexStream) -> anyhow::Result<()> {
+    let mut buf = [0u8; MESSAGE];
+    loop {
+        io.read_exact(&mut buf).await?;
+        io.write_all(&buf).await?;
+    }
+}
+
 /// Round trips over h2: (wall, CPU) for `n` of them.
 async fn over_h2(n: usize) -> anyhow::Result<(Duration, Duration)> {
     let (client_io, server_io) = tokio::io::duplex(PIPE);
-    tokio::spawn(async move {
-        let mut conn = h2::server::handshake(server_io).await?;
-        let (req, mut respond) = conn.accept().await.context("no stream")??;
-        // The connection's own task, as in the gateway.
-        tokio::spawn(async move { while let Some(Ok(_)) = conn.accept().await {} });
-        let mut body = req.into_body();
-        let mut out = respond.send_response(http::Response::new(()), false)?;
-        // The stream's task: echo.
-        loop {
-            let data = recv(&mut body).await?;
-            send(&mut out, data).await?;
-        }
-        #[allow(unreachable_code)]
-        anyhow::Ok(())
-    });
+    tokio::spawn(h2_echo(server_io));
     let (client, conn) = h2::client::handshake(client_io).await?;
     tokio::spawn(conn);
     let mut client = client.ready().await?;
@@ -97,16 +106,8 @@ async fn over_h2(n: usize) -> anyhow::Result<(Duration, Duration)> {
 
 /// Round trips over the bare pipe, a task per side.
 async fn over_pipe(n: usize) -> anyhow::Result<(Duration, Duration)> {
-    let (mut client, mut server): (DuplexStream, DuplexStream) = tokio::io::duplex(PIPE);
-    tokio::spawn(async move {
-        let mut buf = [0u8; MESSAGE];
-        loop {
-            server.read_exact(&mut buf).await?;
-            server.write_all(&buf).await?;
-        }
-        #[allow(unreachable_code)]
-        anyhow::Ok(())
-    });
+    let (mut client, server) = tokio::io::duplex(PIPE);
+    tokio::spawn(pipe_echo(server));
     let message = [7u8; MESSAGE];
     let mut buf = [0u8; MESSAGE];
     for _ in 0..n / 10 {

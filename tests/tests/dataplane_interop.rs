@@ -207,60 +207,52 @@ async fn go_like_gateway(
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 )> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let acceptor = acceptor(&files)?;
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
     let h2_refusals = std::sync::Arc::new(AtomicUsize::new(0));
     let refusals = h2_refusals.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            let refusals = refusals.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
+    let addr = tls_listener(&files, move |mut tls| {
+        let refusals = refusals.clone();
+        async move {
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
                     return;
                 };
-                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    let Ok(mut conn) = h2::server::handshake(tls).await else {
-                        return;
-                    };
-                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                        refusals.fetch_add(1, Ordering::Relaxed);
-                        if let Ok(resp) = http::Response::builder().status(500).body(()) {
-                            let _ = respond.send_response(resp, true);
-                        }
-                    }
-                    return;
-                }
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match tls.read(&mut b).await {
-                        Ok(1) => head.push(b[0]),
-                        _ => return,
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    refusals.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(resp) = http::Response::builder().status(500).body(()) {
+                        let _ = respond.send_response(resp, true);
                     }
                 }
-                let text = String::from_utf8_lossy(&head).to_lowercase();
-                if !text.starts_with("connect ") || !text.contains("authorization: bearer ") {
-                    let _ = tls
-                        .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
-                        .await;
-                    return;
+                return;
+            }
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match tls.read(&mut b).await {
+                    Ok(1) => head.push(b[0]),
+                    _ => return,
                 }
-                let Ok(mut up) = TcpStream::connect(target).await else {
-                    return;
-                };
-                if tls
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
-            });
+            }
+            let text = String::from_utf8_lossy(&head).to_lowercase();
+            if !text.starts_with("connect ") || !text.contains("authorization: bearer ") {
+                let _ = tls
+                    .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+                return;
+            }
+            let Ok(mut up) = TcpStream::connect(target).await else {
+                return;
+            };
+            if tls
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
         }
-    });
+    })
+    .await?;
     Ok((addr, h2_refusals))
 }
 
@@ -302,64 +294,56 @@ async fn data_before_answer_gateway(
     std::net::SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
 )> {
-    let acceptor = acceptor(&files)?;
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
+    let addr = tls_listener(&files, move |tls| {
+        let tx = tx.clone();
+        async move {
+            let Ok(mut conn) = h2::server::handshake(tls).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                if drop_after_first {
+                    // Got the request (and its first bytes), then the whole
+                    // connection goes away without an answer.
+                    let mut body = req.into_body();
+                    let first = tokio::time::timeout(Duration::from_secs(2), body.data()).await;
+                    let first = match first {
+                        Ok(Some(Ok(d))) => d.to_vec(),
+                        _ => Vec::new(),
+                    };
+                    let _ = tx.send(first);
+                    drop(respond);
                     return;
-                };
-                let Ok(mut conn) = h2::server::handshake(tls).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    if drop_after_first {
-                        // Got the request (and its first bytes), then the whole
-                        // connection goes away without an answer.
-                        let mut body = req.into_body();
-                        let first = tokio::time::timeout(Duration::from_secs(2), body.data()).await;
-                        let first = match first {
-                            Ok(Some(Ok(d))) => d.to_vec(),
-                            _ => Vec::new(),
-                        };
-                        let _ = tx.send(first);
-                        drop(respond);
-                        return;
-                    }
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        let first = tokio::time::timeout(Duration::from_secs(2), body.data()).await;
-                        let first = match first {
-                            Ok(Some(Ok(d))) => {
-                                let _ = body.flow_control().release_capacity(d.len());
-                                d.to_vec()
-                            }
-                            _ => Vec::new(),
-                        };
-                        let _ = tx.send(first.clone());
-                        let Ok(resp) = ours_ok() else {
-                            return;
-                        };
-                        let Ok(mut send) = respond.send_response(resp, false) else {
-                            return;
-                        };
-                        let _ = send.send_data(first.into(), false);
-                        while let Some(Ok(d)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(d.len());
-                            let _ = send.send_data(d, false);
-                        }
-                        let _ = send.send_data(bytes::Bytes::new(), true);
-                    });
                 }
-            });
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    let first = tokio::time::timeout(Duration::from_secs(2), body.data()).await;
+                    let first = match first {
+                        Ok(Some(Ok(d))) => {
+                            let _ = body.flow_control().release_capacity(d.len());
+                            d.to_vec()
+                        }
+                        _ => Vec::new(),
+                    };
+                    let _ = tx.send(first.clone());
+                    let Ok(resp) = ours_ok() else {
+                        return;
+                    };
+                    let Ok(mut send) = respond.send_response(resp, false) else {
+                        return;
+                    };
+                    let _ = send.send_data(first.into(), false);
+                    while let Some(Ok(d)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(d.len());
+                        let _ = send.send_data(d, false);
+                    }
+                    let _ = send.send_data(bytes::Bytes::new(), true);
+                });
+            }
         }
-    });
+    })
+    .await?;
     Ok((addr, rx))
 }
 
@@ -482,6 +466,30 @@ fn ours_ok() -> http::Result<http::Response<()>> {
 /// A TLS acceptor with the certificate of `files` (ALPN h2 and http/1.1).
 fn acceptor(files: &PeerFiles) -> Result<tokio_rustls::TlsAcceptor> {
     Ok(tokio_rustls::TlsAcceptor::from(files.material()?.server))
+}
+
+/// A fake remote gateway: listens on 127.0.0.1 with the certificate of `files` (client
+/// certificate required) and runs `serve` on each TLS connection, in a task of its own.
+async fn tls_listener<F, Fut>(files: &PeerFiles, serve: F) -> Result<std::net::SocketAddr>
+where
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let acceptor = acceptor(files)?;
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let serve = std::sync::Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(tls).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
 }
 
 /// A TCP echo target that also keeps every byte it receives, over all connections.
@@ -645,32 +653,25 @@ async fn tunnel_gateway(
     tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
 )> {
     use std::sync::atomic::Ordering;
-    let acceptor = acceptor(&files)?;
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
     let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = conns.clone();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let (acceptor, counted, tx) = (acceptor.clone(), counted.clone(), tx.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                if counted.fetch_add(1, Ordering::Relaxed) == 0 && goaway_first {
-                    match unprocessed_by_goaway(tls).await {
-                        Ok(data) => {
-                            let _ = tx.send(data);
-                        }
-                        Err(e) => tracing::warn!(error = %e, "first connection"),
+    let addr = tls_listener(&files, move |tls| {
+        let (counted, tx) = (counted.clone(), tx.clone());
+        async move {
+            if counted.fetch_add(1, Ordering::Relaxed) == 0 && goaway_first {
+                match unprocessed_by_goaway(tls).await {
+                    Ok(data) => {
+                        let _ = tx.send(data);
                     }
-                } else {
-                    tunnel_to(tls, target).await;
+                    Err(e) => tracing::warn!(error = %e, "first connection"),
                 }
-            });
+            } else {
+                tunnel_to(tls, target).await;
+            }
         }
-    });
+    })
+    .await?;
     Ok((addr, conns, rx))
 }
 
@@ -727,36 +728,29 @@ async fn silent_gateway(
     std::net::SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
 )> {
-    let acceptor = acceptor(&files)?;
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut conn) = h2::server::handshake(tls).await else {
-                    return;
-                };
-                while let Some(Ok((req, respond))) = conn.accept().await {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let mut body = req.into_body();
-                        let mut data = Vec::new();
-                        while let Some(Ok(d)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(d.len());
-                            data.extend_from_slice(&d);
-                        }
-                        let _ = tx.send(data);
-                        drop(respond);
-                    });
-                }
-            });
+    let addr = tls_listener(&files, move |tls| {
+        let tx = tx.clone();
+        async move {
+            let Ok(mut conn) = h2::server::handshake(tls).await else {
+                return;
+            };
+            while let Some(Ok((req, respond))) = conn.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    let mut data = Vec::new();
+                    while let Some(Ok(d)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(d.len());
+                        data.extend_from_slice(&d);
+                    }
+                    let _ = tx.send(data);
+                    drop(respond);
+                });
+            }
         }
-    });
+    })
+    .await?;
     Ok((addr, rx))
 }
 
