@@ -14,6 +14,7 @@ use crate::{Kind, Plan};
 fn color(kind: Kind) -> RGBColor {
     match kind {
         Kind::Direct => RGBColor(120, 170, 120), // not drawn
+        Kind::Ours => RGBColor(20, 60, 150),
         Kind::OursH2 => RGBColor(31, 90, 180),
         Kind::OursHttp1 => RGBColor(110, 160, 220),
         Kind::Stunnel => RGBColor(200, 120, 60),

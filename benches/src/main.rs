@@ -42,7 +42,7 @@ struct Args {
     #[arg(long)]
     runs: Option<usize>,
     /// Configurations to run (default: all, in this order; with --smoke: direct,
-    /// ours-h2, ours-http1).
+    /// ours, ours-h2, ours-http1).
     #[arg(long = "config", value_enum)]
     configs: Vec<Kind>,
     /// Idle tunnelled connections held open in the memory scenario (default 10000;
@@ -76,8 +76,11 @@ struct Args {
 pub enum Kind {
     /// Client -> target, no gateway.
     Direct,
-    /// Our peers: one pooled HTTP/2 connection over mTLS carrying a CONNECT stream per
-    /// tunnelled connection (the default).
+    /// Our peers as they run by default: pooled mTLS connections speaking our own
+    /// multiplexer (`clusterlink-mux/1`), one stream per tunnelled connection.
+    Ours,
+    /// Our peers with A tunnelling over pooled HTTP/2 CONNECT instead (--no-mux), as
+    /// toward a gateway that does not speak the multiplexer.
     OursH2,
     /// Our peers with HTTP/1.1 CONNECT and one TLS connection per tunnelled
     /// connection (A runs with --force-http1; ClusterLink's model).
@@ -93,8 +96,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Direct,
+        Kind::Ours,
         Kind::OursH2,
         Kind::OursHttp1,
         Kind::Stunnel,
@@ -106,6 +110,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
+            Kind::Ours => "ours",
             Kind::OursH2 => "ours-h2",
             Kind::OursHttp1 => "ours-http1",
             Kind::Stunnel => "stunnel",
@@ -117,7 +122,7 @@ impl Kind {
 
     pub fn tool(self) -> Option<Tool> {
         match self {
-            Kind::Direct | Kind::OursH2 | Kind::OursHttp1 => None,
+            Kind::Direct | Kind::Ours | Kind::OursH2 | Kind::OursHttp1 => None,
             Kind::Stunnel => Some(Tool::Stunnel),
             Kind::Haproxy => Some(Tool::Haproxy),
             Kind::Nginx => Some(Tool::Nginx),
@@ -135,7 +140,16 @@ impl Kind {
     /// need 20,000 descriptors in gateway A, the whole open-file limit of machines like
     /// this one.
     pub fn measures_memory(self) -> bool {
-        self == Kind::OursH2
+        self == Kind::Ours
+    }
+
+    /// Extra flags for our gateway A (the dialing side) in this configuration.
+    pub fn flags_a(self) -> &'static [&'static str] {
+        match self {
+            Kind::OursH2 => &["--no-mux"],
+            Kind::OursHttp1 => &["--force-http1"],
+            _ => &[],
+        }
     }
 }
 
@@ -150,7 +164,7 @@ pub enum Scenario {
     PingPong,
     /// New connections per second (and CPU µs per connection).
     ConnRate,
-    /// RSS with many idle tunnelled connections (ours-h2 only).
+    /// RSS with many idle tunnelled connections (ours only).
     Memory,
 }
 
@@ -227,7 +241,7 @@ fn real_main(args: Args) -> Result<bool> {
             .filter(|k| args.configs.contains(k))
             .collect()
     } else if args.smoke {
-        vec![Kind::Direct, Kind::OursH2, Kind::OursHttp1]
+        vec![Kind::Direct, Kind::Ours, Kind::OursH2, Kind::OursHttp1]
     } else {
         Kind::ALL.to_vec()
     };
@@ -372,12 +386,9 @@ impl Running {
     ) -> Result<Running> {
         Ok(match kind {
             Kind::Direct => Running::Direct,
-            Kind::OursH2 | Kind::OursHttp1 => {
-                let force_http1 = kind == Kind::OursHttp1;
-                Running::Ours(Box::new(
-                    ours::Pair::start(bins, certs, targets, force_http1).await?,
-                ))
-            }
+            Kind::Ours | Kind::OursH2 | Kind::OursHttp1 => Running::Ours(Box::new(
+                ours::Pair::start(bins, certs, targets, kind.flags_a()).await?,
+            )),
             _ => {
                 let tool = kind.tool().context("a baseline without a tool")?;
                 let bin = tools.binary(tool).map_err(|e| anyhow!(e))?;

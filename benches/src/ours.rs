@@ -123,7 +123,7 @@ impl Peer {
         gateway: u16,
         dp_admin: u16,
         cp_admin: u16,
-        force_http1: bool,
+        flags: &[&str],
     ) -> Result<Peer> {
         let dir = root.join(&cert.name);
         let files = PeerFiles::write(&dir, ca_pem, cert)?;
@@ -189,9 +189,7 @@ impl Peer {
             .arg("--key-file")
             .arg(&files.key)
             .args(["--log-level", "warn"]);
-        if force_http1 {
-            dp_cmd.arg("--force-http1");
-        }
+        dp_cmd.args(flags);
         dp_cmd.args(&bins.dataplane_args);
         let dp = Managed::spawn(
             &format!("{} data plane", cert.name),
@@ -264,7 +262,7 @@ impl Pair {
         bins: &Bins,
         certs: &Certs,
         targets: &Targets,
-        force_http1: bool,
+        flags_a: &[&str],
     ) -> Result<Pair> {
         let dir = TempDir::new("cl-bench")?;
         let ports = free_ports(8)?;
@@ -289,7 +287,7 @@ impl Pair {
             gw_b,
             dp_admin_b,
             cp_admin_b,
-            false,
+            &[],
         )?;
         let mut a = Peer::start(
             bins,
@@ -305,7 +303,7 @@ impl Pair {
             gw_a,
             dp_admin_a,
             cp_admin_a,
-            force_http1,
+            flags_a,
         )?;
         b.wait_ready().await?;
         a.wait_ready().await?;

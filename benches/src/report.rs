@@ -263,14 +263,14 @@ pub const MEMORY_KIB_PER_CONN: f64 = 20.0;
 /// ... with this many idle tunnelled connections open.
 pub const MEMORY_CONNECTIONS: usize = 10_000;
 
-/// The targets of issue 5 / perf-notes.md, for ours-h2 (the default mode).
+/// The targets of issue 5 / perf-notes.md, for ours (the default mode).
 pub fn verdicts(results: &[ConfigResult], scenarios: &[Scenario]) -> Vec<Verdict> {
     // Ours is judged only if every run carried traffic; a reference counts with the
     // medians of the runs it completed, so that one failed run of the strongest
     // baseline does not make the targets easier.
     let ours = results
         .iter()
-        .find(|r| r.kind == Kind::OursH2 && r.carried_traffic(scenarios));
+        .find(|r| r.kind == Kind::Ours && r.carried_traffic(scenarios));
     let plain = results.iter().find(|r| r.kind == Kind::HaproxyPlain);
     let mut out = Vec::new();
     // (metric index, factor, against plain HAProxy instead of the best mTLS baseline)
@@ -453,9 +453,9 @@ pub fn render(plan: &Plan, results: &[ConfigResult], wall: Duration) -> String {
 
     let _ = writeln!(
         out,
-        "\n## Targets (ours-h2, medians, ratios within this run)\n"
+        "\n## Targets (ours, medians, ratios within this run)\n"
     );
-    let _ = writeln!(out, "| target | ours-h2 | reference | ratio | met? |");
+    let _ = writeln!(out, "| target | ours | reference | ratio | met? |");
     let _ = writeln!(out, "|---|---:|---|---:|---|");
     for v in verdicts(results, &plan.scenarios) {
         let met = match v.met {

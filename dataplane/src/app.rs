@@ -86,6 +86,10 @@ pub struct Config {
     /// (ClusterLink's own model; for compatibility checks and benchmarks).
     #[arg(long, env = "CL_FORCE_HTTP1")]
     pub force_http1: bool,
+    /// Tunnel over HTTP/2 even to gateways that speak our own multiplexer
+    /// (`clusterlink-mux/1`, preferred by default); for comparison and benchmarks.
+    #[arg(long, env = "CL_NO_MUX")]
+    pub no_mux: bool,
     /// Worker threads, each with its own single-threaded runtime; a connection stays
     /// on the worker that accepted it (default: one per core).
     #[arg(long, env = "CL_WORKERS")]
@@ -297,12 +301,16 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         egress_cache: Default::default(),
         workers: workers.clone(),
     });
-    let dialer = Arc::new(Dialer::new(
+    let mut dialer = Dialer::new(
         tls,
         metrics.clone(),
         connect_timeout,
         shared.config.force_http1,
-    ));
+    );
+    if shared.config.no_mux {
+        dialer = dialer.without_mux();
+    }
+    let dialer = Arc::new(dialer);
     tracing::info!(config = ?shared.config, identity = %shared.tls.borrow().identity, "starting cl-dataplane");
 
     let id = format!("{}-{}", shared.tls.borrow().identity, std::process::id());

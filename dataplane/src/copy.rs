@@ -30,7 +30,7 @@ pub const READ_SIZE: usize = 64 * 1024;
 /// Measured (benches/README.md): clearing the readiness after every short read cost
 /// 5-15 % of single-stream throughput, as each read then waited for epoll; with this
 /// split, bulk is as before and ping-pong saves its read per message.
-const STREAMING_READ: usize = 4 * 1024;
+pub(crate) const STREAMING_READ: usize = 4 * 1024;
 
 /// Most bytes read from a socket into one h2 DATA frame: with the frame's 9-byte
 /// header the frame is exactly 64 KiB, four full 16 KiB TLS records, and rustls takes
@@ -52,17 +52,23 @@ const _: () = assert!(H2_READ <= READ_SIZE);
 /// h2 profile. Starting our data 64 bytes past a boundary puts them 4046 or 4036 bytes
 /// apart instead, outside the slow window (1 to 47).
 const DATA_PHASE: usize = 64;
-const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 
 /// How far past `at` data must start to sit at `DATA_PHASE` modulo `PAGE`.
-fn phase_offset(at: *const u8) -> usize {
+pub(crate) fn phase_offset(at: *const u8) -> usize {
     (DATA_PHASE + PAGE - (at as usize % PAGE)) % PAGE
 }
 
 /// An empty buffer of at least `READ_SIZE` bytes of capacity whose data starts at
 /// `DATA_PHASE` modulo `PAGE`: one allocation, and `advance` only moves its start.
 fn phased_buf() -> BytesMut {
-    let mut buf = BytesMut::with_capacity(READ_SIZE + PAGE);
+    phased_buf_with(READ_SIZE)
+}
+
+/// An empty buffer of at least `cap` bytes of capacity whose data starts at
+/// `DATA_PHASE` modulo `PAGE`.
+pub(crate) fn phased_buf_with(cap: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(cap + PAGE);
     let off = phase_offset(buf.as_ptr());
     buf.put_bytes(0, off);
     buf.advance(off);
@@ -409,7 +415,7 @@ async fn io_to_tcp<R: AsyncRead + Unpin>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use std::future::Future;
@@ -427,7 +433,7 @@ mod tests {
     const TIMEOUT: Duration = Duration::from_secs(10);
     const MIB: usize = 1 << 20;
 
-    fn counters() -> anyhow::Result<Counters> {
+    pub(crate) fn counters() -> anyhow::Result<Counters> {
         Ok(Counters {
             up: IntCounter::new("test_up_bytes", "bytes read from the local socket")?,
             down: IntCounter::new("test_down_bytes", "bytes written to the local socket")?,
@@ -436,7 +442,7 @@ mod tests {
 
     /// Deterministic, non-repeating-looking bytes; a different seed per direction so a
     /// mixed-up or reordered flow cannot compare equal.
-    fn payload(len: usize, seed: u32) -> Bytes {
+    pub(crate) fn payload(len: usize, seed: u32) -> Bytes {
         let mut x = 0x9e37_79b9u32 ^ seed.wrapping_mul(0x85eb_ca6b);
         (0..len)
             .map(|_| {
@@ -450,7 +456,7 @@ mod tests {
     }
 
     /// A connected loopback pair: (local peer, socket to splice).
-    async fn tcp_pair() -> anyhow::Result<(TcpStream, TcpStream)> {
+    pub(crate) async fn tcp_pair() -> anyhow::Result<(TcpStream, TcpStream)> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (peer, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -458,7 +464,7 @@ mod tests {
     }
 
     /// Closes `tcp` with an RST instead of a FIN.
-    fn reset(tcp: TcpStream) -> anyhow::Result<()> {
+    pub(crate) fn reset(tcp: TcpStream) -> anyhow::Result<()> {
         socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO))?;
         drop(tcp);
         Ok(())

@@ -22,7 +22,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::app::Shared;
 use crate::copy::{self, Counters};
 use crate::metrics::ConnGuard;
-use crate::tls::{remote_identity, ALPN_H2};
+use crate::mux;
+use crate::tls::{remote_identity, ALPN_H2, ALPN_MUX};
 use crate::token;
 use crate::tunnel::{self, PROTOCOLS_HEADER, PROTOCOLS_VALUE};
 use crate::workers::Port;
@@ -123,7 +124,10 @@ async fn connection(
         return;
     };
     let identity: Arc<str> = identity.into();
-    if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+    let alpn = tls.get_ref().1.alpn_protocol();
+    if alpn == Some(ALPN_MUX) {
+        serve_mux(tls, identity, shared, stop).await;
+    } else if alpn == Some(ALPN_H2) {
         serve_h2(tls, identity, shared, stop).await;
     } else {
         serve_h1(tls, identity, shared, stop).await;
@@ -185,6 +189,60 @@ async fn serve_h2(
     }
 }
 
+async fn serve_mux(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    identity: Arc<str>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    let on_open = {
+        let shared = shared.clone();
+        move |incoming: mux::Incoming| {
+            let (shared, identity) = (shared.clone(), identity.clone());
+            tokio::spawn(mux_stream(incoming, identity, shared));
+        }
+    };
+    if let Err(e) = mux::serve(tls, on_open, stop).await {
+        tracing::debug!(error = %e, "mux gateway connection error");
+        if matches!(e, mux::Error::Protocol(_)) {
+            shared
+                .metrics
+                .rejected
+                .with_label_values(&["mux_protocol"])
+                .inc();
+        }
+    }
+}
+
+async fn mux_stream(incoming: mux::Incoming, identity: Arc<str>, shared: Arc<Shared>) {
+    let start = Instant::now();
+    let auth = incoming.authorization().map(str::to_owned);
+    match authorize_and_dial(auth.as_deref(), &identity, &shared).await {
+        Ok((target, service)) => {
+            let Ok(stream) = incoming.accept().await else {
+                return;
+            };
+            let _track = shared.tracker.track();
+            let mut guard = ConnGuard::new(&shared.metrics, "inbound", &service);
+            shared
+                .metrics
+                .setup_seconds
+                .with_label_values(&["inbound"])
+                .observe(start.elapsed().as_secs_f64());
+            let counters = Counters {
+                up: guard.from_target.clone(),
+                down: guard.to_target.clone(),
+            };
+            let end = shared
+                .tracker
+                .run(mux::splice(target, stream, &counters))
+                .await;
+            guard.set_reason(end.reason());
+        }
+        Err((status, reason)) => incoming.refuse(status.as_u16(), &reason).await,
+    }
+}
+
 fn response(status: StatusCode) -> http::response::Builder {
     Response::builder()
         .status(status)
@@ -200,7 +258,7 @@ async fn h2_stream(
     let (parts, mut body) = req.into_parts();
     if parts.method == Method::CONNECT {
         let start = Instant::now();
-        match authorize_and_dial(&parts.headers, &identity, &shared).await {
+        match authorize_and_dial(auth_header(&parts.headers), &identity, &shared).await {
             Ok((target, service)) => {
                 let Ok(resp) = response(StatusCode::OK).body(()) else {
                     return;
@@ -350,7 +408,7 @@ async fn h1_request(
     if req.method() == Method::CONNECT {
         let start = Instant::now();
         return Ok(
-            match authorize_and_dial(req.headers(), &identity, &shared).await {
+            match authorize_and_dial(auth_header(req.headers()), &identity, &shared).await {
                 Ok((target, service)) => {
                     let track = shared.tracker.track();
                     tokio::spawn(async move {
@@ -462,8 +520,14 @@ async fn peer_request(
 
 /// Verifies the CONNECT's token against the snapshot's key and the caller's mTLS
 /// identity, then dials the export. The error is the status and reason to answer.
+fn auth_header(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or(""))
+}
+
 async fn authorize_and_dial(
-    headers: &HeaderMap,
+    auth: Option<&str>,
     identity: &str,
     shared: &Shared,
 ) -> Result<(TcpStream, String), (StatusCode, String)> {
@@ -475,14 +539,14 @@ async fn authorize_and_dial(
             .inc();
         (status, text)
     };
-    let Some(auth) = headers.get(http::header::AUTHORIZATION) else {
+    let Some(auth) = auth else {
         return Err(deny(
             "no_token",
             StatusCode::BAD_REQUEST,
             "Missing 'authorization' header.".into(),
         ));
     };
-    let Some(token) = auth.to_str().ok().and_then(|a| a.strip_prefix("Bearer ")) else {
+    let Some(token) = auth.strip_prefix("Bearer ") else {
         return Err(deny(
             "no_token",
             StatusCode::BAD_REQUEST,

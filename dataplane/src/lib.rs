@@ -6,6 +6,7 @@ pub mod copy;
 pub mod cpclient;
 pub mod inbound;
 pub mod metrics;
+pub mod mux;
 pub mod outbound;
 pub mod process;
 pub mod snapshot;

@@ -172,8 +172,11 @@ impl Metrics {
             ),
             tunnels_open: reg(
                 &r,
-                IntGauge::new("clusterlink_tunnels_open", "Pooled HTTP/2 tunnels open")
-                    .unwrap_or_else(|_| unreachable!()),
+                IntGauge::new(
+                    "clusterlink_tunnels_open",
+                    "Pooled tunnels (clusterlink-mux/1 or HTTP/2) open",
+                )
+                .unwrap_or_else(|_| unreachable!()),
             ),
             egress_authz_seconds: reg(
                 &r,

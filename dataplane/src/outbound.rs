@@ -409,6 +409,14 @@ async fn connection(
                 drop(lease);
                 end
             }
+            Tunnel::Mux { stream, lease } => {
+                let end = shared
+                    .tracker
+                    .run(crate::mux::splice(client, stream, &counters))
+                    .await;
+                drop(lease);
+                end
+            }
             Tunnel::H1(io) => {
                 shared
                     .tracker

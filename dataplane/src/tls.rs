@@ -22,6 +22,8 @@ use tokio::sync::watch;
 /// ALPN protocol ids offered on the gateway port, best first.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// Our gateways' own tunnel protocol (`crate::mux`), preferred between them.
+pub const ALPN_MUX: &[u8] = b"clusterlink-mux/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -67,6 +69,8 @@ pub struct Material {
     pub server: Arc<ServerConfig>,
     /// Outbound config offering h2 and http/1.1.
     pub client_h2: Arc<ClientConfig>,
+    /// Offers `clusterlink-mux/1`, then h2 and HTTP/1.1.
+    pub client_mux: Arc<ClientConfig>,
     /// Outbound config offering only http/1.1 (peers known not to tunnel over h2).
     pub client_h1: Arc<ClientConfig>,
 }
@@ -209,7 +213,7 @@ impl Material {
             .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
                 certified.clone(),
             )));
-        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+        server.alpn_protocols = vec![ALPN_MUX.to_vec(), ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
         // One resumption ticket per connection: pooled h2 tunnels rarely need it, but
         // peers that tunnel over HTTP/1.1 make a TLS connection per tunnel, and a
         // resumed handshake costs about half a full one (perf-notes). The session
@@ -237,6 +241,11 @@ impl Material {
             generation,
             server: Arc::new(server),
             client_h2: client(vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()])?,
+            client_mux: client(vec![
+                ALPN_MUX.to_vec(),
+                ALPN_H2.to_vec(),
+                ALPN_HTTP11.to_vec(),
+            ])?,
             client_h1: client(vec![ALPN_HTTP11.to_vec()])?,
         })
     }

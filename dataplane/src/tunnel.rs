@@ -27,8 +27,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::metrics::Metrics;
+use crate::mux;
 use crate::snapshot::{Peer, Protocol};
-use crate::tls::{Material, ALPN_H2};
+use crate::tls::{Material, ALPN_H2, ALPN_MUX};
 
 /// Header every response of our gateway carries, so that a dialer can tell our
 /// refusals (authoritative) from a peer that cannot tunnel over h2.
@@ -79,6 +80,16 @@ pub enum Tunnel {
         lease: StreamLease,
     },
     H1(Box<Rewind<TlsStream<TcpStream>>>),
+    Mux {
+        stream: mux::Stream,
+        lease: StreamLease,
+    },
+}
+
+/// What a pooled connection speaks.
+enum Link {
+    H2(h2::client::SendRequest<Bytes>),
+    Mux(mux::Client),
 }
 
 /// Held by a pooled connection's driver task: when the task ends, or is dropped
@@ -114,7 +125,7 @@ impl Drop for StreamLease {
 }
 
 struct Pooled {
-    send: h2::client::SendRequest<Bytes>,
+    link: Link,
     active: Arc<AtomicUsize>,
     dead: Arc<AtomicBool>,
     generation: u64,
@@ -124,9 +135,18 @@ struct Pooled {
 
 impl Pooled {
     fn usable(&self, generation: u64) -> bool {
+        let max = match &self.link {
+            Link::H2(send) => send.current_max_send_streams(),
+            Link::Mux(client) => {
+                if client.is_dead() {
+                    return false;
+                }
+                mux::MAX_STREAMS
+            }
+        };
         !self.dead.load(Ordering::Relaxed)
             && self.generation == generation
-            && self.active.load(Ordering::Relaxed) < self.send.current_max_send_streams()
+            && self.active.load(Ordering::Relaxed) < max
     }
 }
 
@@ -150,6 +170,8 @@ pub struct Dialer {
     h1_peers: Mutex<HashSet<String>>,
     /// Force HTTP/1.1 CONNECT toward every peer (ClusterLink's model; benchmarks).
     force_h1: bool,
+    /// Offer `clusterlink-mux/1` ahead of h2 when dialing a pooled connection.
+    mux: bool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -177,7 +199,14 @@ impl Dialer {
             growth_failed_until: Mutex::new(HashMap::new()),
             h1_peers: Mutex::new(HashSet::new()),
             force_h1,
+            mux: true,
         }
+    }
+
+    /// Pooled connections speak h2 even to gateways that offer `clusterlink-mux/1`.
+    pub fn without_mux(mut self) -> Self {
+        self.mux = false;
+        self
     }
 
     /// How long a remote gateway gets to answer a CONNECT (default `RESPONSE_TIMEOUT`).
@@ -286,7 +315,9 @@ impl Dialer {
             .map_err(|_| gerr("connect timed out".into()))?
             .map_err(|e| gerr(format!("connect: {e}")))?;
         tune(&tcp);
-        let config = if h2 {
+        let config = if h2 && self.mux {
+            material.client_mux.clone()
+        } else if h2 {
             material.client_h2.clone()
         } else {
             material.client_h1.clone()
@@ -396,6 +427,24 @@ impl Dialer {
         generation: u64,
     ) -> Result<Result<Arc<Pooled>, TlsStream<TcpStream>>, Error> {
         let tls = self.dial_tls(peer, gw, true).await?;
+        let dead = Arc::new(AtomicBool::new(false));
+        if tls.get_ref().1.alpn_protocol() == Some(ALPN_MUX) {
+            let (client, driver) = mux::Client::new(tls);
+            let driving = Driving::new(dead.clone(), self.metrics.clone());
+            let gw = gw.to_owned();
+            tokio::spawn(async move {
+                let _driving = driving;
+                if let Err(e) = driver.await {
+                    tracing::debug!(gateway = %gw, error = %e, "pooled tunnel ended");
+                }
+            });
+            return Ok(Ok(self.add_pooled(
+                key,
+                Link::Mux(client),
+                dead,
+                generation,
+            )));
+        }
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             // The peer does not speak h2: use this connection for HTTP/1.1 CONNECT.
             lock(&self.h1_peers).insert(peer.name.clone());
@@ -413,7 +462,6 @@ impl Dialer {
                 gateway: gw.to_owned(),
                 reason: format!("h2 handshake: {e}"),
             })?;
-        let dead = Arc::new(AtomicBool::new(false));
         {
             let driving = Driving::new(dead.clone(), self.metrics.clone());
             let gw = gw.to_owned();
@@ -424,8 +472,18 @@ impl Dialer {
                 }
             });
         }
+        Ok(Ok(self.add_pooled(key, Link::H2(send), dead, generation)))
+    }
+
+    fn add_pooled(
+        &self,
+        key: &str,
+        link: Link,
+        dead: Arc<AtomicBool>,
+        generation: u64,
+    ) -> Arc<Pooled> {
         let pooled = Arc::new(Pooled {
-            send,
+            link,
             active: Arc::new(AtomicUsize::new(0)),
             dead,
             generation,
@@ -435,7 +493,68 @@ impl Dialer {
             .entry(key.to_owned())
             .or_default()
             .push(pooled.clone());
-        Ok(Ok(pooled))
+        pooled
+    }
+
+    /// A stream on a pooled `clusterlink-mux/1` connection; `Ok(None)`: that
+    /// connection went away before processing it, try another.
+    async fn open_mux(
+        &self,
+        pooled: &Pooled,
+        client: &mux::Client,
+        gw: &str,
+        token: &str,
+        early: &Bytes,
+        last_attempt: bool,
+    ) -> Result<Option<Tunnel>, Error> {
+        pooled.active.fetch_add(1, Ordering::Relaxed);
+        let lease = StreamLease(pooled.active.clone());
+        let auth = format!("Bearer {token}");
+        let gateway = || gw.to_owned();
+        match client.open(&auth, early, self.response_timeout).await {
+            Ok(stream) => Ok(Some(Tunnel::Mux { stream, lease })),
+            Err(mux::OpenError::Refused { status, reason }) => Err(Error::Refused {
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                reason,
+                authoritative: true,
+            }),
+            Err(mux::OpenError::Unprocessed(why)) => {
+                pooled.dead.store(true, Ordering::Relaxed);
+                if last_attempt {
+                    return Err(Error::Gateway {
+                        gateway: gateway(),
+                        reason: format!("stream not processed: {why}"),
+                    });
+                }
+                Ok(None)
+            }
+            Err(e @ mux::OpenError::Lost) => {
+                pooled.dead.store(true, Ordering::Relaxed);
+                if !early.is_empty() {
+                    return Err(Error::Interrupted {
+                        gateway: gateway(),
+                        reason: e.to_string(),
+                    });
+                }
+                if last_attempt {
+                    return Err(Error::Gateway {
+                        gateway: gateway(),
+                        reason: e.to_string(),
+                    });
+                }
+                Ok(None)
+            }
+            Err(mux::OpenError::Timeout) => {
+                // The remote may be slowly connecting to the target with the client's
+                // first bytes: do not try them on another gateway.
+                let (gateway, reason) = (gateway(), "no answer to OPEN".into());
+                Err(if early.is_empty() {
+                    Error::Gateway { gateway, reason }
+                } else {
+                    Error::Interrupted { gateway, reason }
+                })
+            }
+        }
     }
 
     async fn open_h2(
@@ -453,6 +572,18 @@ impl Dialer {
                     return connect_h1(tls, peer, gw, token, early, self.response_timeout).await
                 }
             };
+            let send = match &pooled.link {
+                Link::H2(send) => send.clone(),
+                Link::Mux(client) => {
+                    match self
+                        .open_mux(&pooled, client, gw, token, early, attempt == 1)
+                        .await?
+                    {
+                        Some(t) => return Ok(t),
+                        None => continue,
+                    }
+                }
+            };
             pooled.active.fetch_add(1, Ordering::Relaxed);
             let lease = StreamLease(pooled.active.clone());
             let req = Request::builder()
@@ -464,7 +595,6 @@ impl Dialer {
                     gateway: gw.to_owned(),
                     reason: format!("request: {e}"),
                 })?;
-            let send = pooled.send.clone();
             let sent = match send.ready().await {
                 Ok(mut s) => s
                     .send_request(req, false)

@@ -466,6 +466,7 @@ pub fn gateway_config(files: &PeerFiles, cp: impl std::fmt::Display) -> dataplan
         handshake_timeout_ms: 2000,
         cert_reload_ms: 100,
         force_http1: false,
+        no_mux: false,
         // In-process gateways share the test runtime; this sets how many pooled
         // connections concurrent streams spread over, the same on every machine.
         workers: Some(2),
@@ -542,6 +543,8 @@ pub fn allow_to_b() -> impl Fn(&v1::EgressRequest) -> v1::EgressResponse + Send 
 #[derive(Default)]
 pub struct Options {
     pub force_http1_a: bool,
+    /// A tunnels over h2 instead of `clusterlink-mux/1`.
+    pub no_mux_a: bool,
     /// Name in B's certificate, if not "peer-b" (A still dials "peer-b").
     pub cert_name_b: Option<String>,
     /// Drain timeout of both gateways, in seconds (default 5).
@@ -585,6 +588,7 @@ impl Pair {
         cp_a.set_egress(allow_to_b());
         let mut cfg_a = gateway_config(&files_a, cp_a.addr);
         cfg_a.force_http1 = opts.force_http1_a;
+        cfg_a.no_mux = opts.no_mux_a;
         cfg_a.drain_timeout = opts.drain_timeout.unwrap_or(5.0);
         let a = dataplane::start(cfg_a).await?;
         wait_ready(&b).await?;

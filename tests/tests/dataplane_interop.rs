@@ -463,9 +463,12 @@ fn ours_ok() -> http::Result<http::Response<()>> {
         .body(())
 }
 
-/// A TLS acceptor with the certificate of `files` (ALPN h2 and http/1.1).
+/// A TLS acceptor with the certificate of `files` (ALPN h2 and http/1.1: these fakes
+/// stand for gateways that do not speak clusterlink-mux/1).
 fn acceptor(files: &PeerFiles) -> Result<tokio_rustls::TlsAcceptor> {
-    Ok(tokio_rustls::TlsAcceptor::from(files.material()?.server))
+    let mut config = (*files.material()?.server).clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 /// A fake remote gateway: listens on 127.0.0.1 with the certificate of `files` (client
@@ -816,6 +819,7 @@ async fn unanswered_connect_fails_over_only_without_first_bytes() -> Result<()> 
     let (mut send, mut recv) = match opened {
         Ok(Tunnel::H2 { send, recv, .. }) => (send, recv),
         Ok(Tunnel::H1(_)) => anyhow::bail!("fell back to HTTP/1.1"),
+        Ok(Tunnel::Mux { .. }) => anyhow::bail!("clusterlink-mux/1 with an h2-only gateway"),
         Err(e) => anyhow::bail!("not failed over: {e}"),
     };
     let got = tokio::time::timeout(T, silent_got.recv())
