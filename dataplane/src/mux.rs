@@ -16,7 +16,7 @@
 //! |---|---|---|
 //! | 0 DATA | both | bytes, 1 ..= `MAX_DATA` |
 //! | 1 OPEN | client | the `Authorization` value ("Bearer <token>"), at most 16 KiB |
-//! | 2 REPLY | server | status (2 bytes) and a UTF-8 reason; not 200 ends the stream |
+//! | 2 REPLY | server | status (2 bytes) and a UTF-8 reason; not 200 ends the stream; 0: refused before processing (stream limit), safe to open elsewhere |
 //! | 3 FIN | both | none: the sender's direction ends |
 //! | 4 RST | both | none: the stream is aborted both ways |
 //! | 5 CREDIT | both | 4 bytes: the receiver wrote that many more bytes locally |
@@ -62,6 +62,12 @@ const CONN_QUEUE_MAX: usize = 16 * 1024 * 1024;
 /// Most streams a server accepts at once on one connection (as our h2 server).
 pub const MAX_STREAMS: usize = 1000;
 
+/// Most bytes of control frames the reader may have waiting for the writer.
+const CTRL_MAX: usize = 1024 * 1024;
+
+/// Queued data is appended to the last queue entry while that is smaller than this.
+const COALESCE: usize = 16 * 1024;
+
 const DATA: u8 = 0;
 const OPEN: u8 = 1;
 const REPLY: u8 = 2;
@@ -104,6 +110,31 @@ fn header(kind: u8, len: usize, id: u32) -> [u8; HEADER] {
 
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
+/// The connection's write side. A send whose task is cancelled mid-write (a stream
+/// reset or drained while TLS took part of its frame) leaves the rest in `unsent`,
+/// which the next send writes first, so frames are never cut short on the wire.
+struct Out {
+    w: Writer,
+    unsent: BytesMut,
+}
+
+/// The parts of one send; on drop, whatever was not written is kept in `unsent`.
+struct Unsent<'a, 'b> {
+    parts: Parts<'a>,
+    unsent: &'b mut BytesMut,
+}
+
+impl Drop for Unsent<'_, '_> {
+    fn drop(&mut self) {
+        while self.parts.has_remaining() {
+            let chunk = self.parts.chunk();
+            let n = chunk.len();
+            self.unsent.extend_from_slice(chunk);
+            self.parts.advance(n);
+        }
+    }
+}
+
 enum Reply {
     Status(u16, String),
     Unprocessed,
@@ -112,7 +143,7 @@ enum Reply {
 /// One connection, shared by its reader (the driver task) and its streams.
 struct Conn {
     server: bool,
-    writer: tokio::sync::Mutex<Writer>,
+    writer: tokio::sync::Mutex<Out>,
     /// Frames the reader must send (CREDIT, RST); it never waits for the writer.
     ctrl: Mutex<BytesMut>,
     ctrl_ready: Notify,
@@ -153,8 +184,12 @@ struct Slot {
 
 #[derive(Default)]
 struct Rx {
-    queue: VecDeque<Bytes>,
+    /// Data the local socket did not take at once; small frames are appended to the
+    /// last entry, so that an entry costs at least `COALESCE` bytes of data.
+    queue: VecDeque<BytesMut>,
     queued: usize,
+    /// The stream's task is writing an entry it took from the queue.
+    writing: bool,
     local: Option<Arc<TcpStream>>,
     down: Option<IntCounter>,
     fin: bool,
@@ -167,6 +202,8 @@ struct Rx {
     /// Written locally and not yet returned as credit.
     unacked: usize,
     reply: Option<oneshot::Sender<Reply>>,
+    /// A REPLY arrived (client side).
+    replied: bool,
 }
 
 impl Slot {
@@ -199,7 +236,10 @@ impl Conn {
     fn new(writer: Writer, server: bool) -> Arc<Conn> {
         Arc::new(Conn {
             server,
-            writer: tokio::sync::Mutex::new(writer),
+            writer: tokio::sync::Mutex::new(Out {
+                w: writer,
+                unsent: BytesMut::new(),
+            }),
             ctrl: Mutex::new(BytesMut::new()),
             ctrl_ready: Notify::new(),
             table: Mutex::new(Table {
@@ -228,11 +268,19 @@ impl Conn {
         if self.dead.load(Ordering::Relaxed) {
             return Err(Error::Closed);
         }
-        let mut w = self.writer.lock().await;
+        let mut out = self.writer.lock().await;
+        let Out { w, unsent } = &mut *out;
         let ctrl = std::mem::take(&mut *lock(&self.ctrl));
-        let mut buf = Parts::new(&ctrl, parts);
-        let result = async {
-            w.write_all_buf(&mut buf).await?;
+        let result = async move {
+            // What a cancelled send left (the rest of a frame) goes first.
+            if !unsent.is_empty() {
+                w.write_all_buf(unsent).await?;
+            }
+            let mut rest = Unsent {
+                parts: Parts::new(&ctrl, parts),
+                unsent,
+            };
+            w.write_all_buf(&mut rest.parts).await?;
             w.flush().await
         }
         .await;
@@ -314,7 +362,7 @@ impl Conn {
         if rx.reset || rx.local_failed {
             return Ok(());
         }
-        if rx.queue.is_empty() {
+        if rx.queue.is_empty() && !rx.writing {
             if let Some(local) = &rx.local {
                 let n = match local.try_write(data) {
                     Ok(n) => n,
@@ -340,7 +388,10 @@ impl Conn {
         // The one copy besides TLS's, only for what the socket did not take.
         rx.queued += data.len();
         self.queued.fetch_add(data.len(), Ordering::Relaxed);
-        rx.queue.push_back(Bytes::copy_from_slice(data));
+        match rx.queue.back_mut() {
+            Some(back) if back.len() < COALESCE => back.extend_from_slice(data),
+            _ => rx.queue.push_back(BytesMut::from(data)),
+        }
         drop(rx);
         slot.rx_wake.notify_one();
         Ok(())
@@ -376,7 +427,16 @@ impl Conn {
                     return Ok(());
                 }
                 t.next = id;
-                let full = t.map.len() >= MAX_STREAMS;
+                if t.map.len() >= MAX_STREAMS {
+                    drop(t);
+                    // Refused unprocessed (status 0): the client may open it elsewhere.
+                    // Its early data, if any, is dropped as for any unknown stream.
+                    if lock(&self.ctrl).len() > CTRL_MAX {
+                        return Err(Error::Protocol("peer does not read its answers"));
+                    }
+                    self.push_ctrl(REPLY, id, &0u16.to_be_bytes());
+                    return Ok(());
+                }
                 let slot = Slot::new(id, None);
                 t.map.insert(id, slot.clone());
                 drop(t);
@@ -389,11 +449,7 @@ impl Conn {
                         }),
                         auth: Bytes::copy_from_slice(payload),
                     };
-                    if full {
-                        tokio::spawn(incoming.refuse(503, "too many streams on this connection"));
-                    } else {
-                        open(incoming);
-                    }
+                    open(incoming);
                 }
                 Ok(())
             }
@@ -406,12 +462,21 @@ impl Conn {
                 if let Some(slot) = self.slot(id) {
                     let status = u16::from_be_bytes([payload[0], payload[1]]);
                     let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
-                    let tx = lock(&slot.rx).reply.take();
+                    let tx = {
+                        let mut rx = lock(&slot.rx);
+                        need(!rx.replied, "second REPLY")?;
+                        rx.replied = true;
+                        rx.reply.take()
+                    };
                     if status != 200 {
                         self.remove(id);
                     }
                     if let Some(tx) = tx {
-                        let _ = tx.send(Reply::Status(status, reason));
+                        let _ = tx.send(if status == 0 {
+                            Reply::Unprocessed
+                        } else {
+                            Reply::Status(status, reason)
+                        });
                     }
                 }
                 Ok(())
@@ -617,12 +682,16 @@ async fn drive<R: AsyncRead + Unpin>(
         r = reader => r,
         _ = ctrl_writer => Err(Error::Closed),
     };
+    // Control frames still waiting (a draining server's GOAWAY) go out first.
+    if !lock(&conn.ctrl).is_empty() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.send(&[])).await;
+    }
     conn.close();
     // Let the remote see the end (close_notify) rather than only a dropped socket.
     // Bounded: a stream's task may hold the writer, stuck on a remote that stopped
     // reading.
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        conn.writer.lock().await.shutdown().await
+        conn.writer.lock().await.w.shutdown().await
     })
     .await;
     result
@@ -680,7 +749,7 @@ impl Client {
             }
             let id = t.next;
             if id > u32::MAX - 2 {
-                self.conn.dead.store(true, Ordering::Relaxed);
+                self.conn.going_away.store(true, Ordering::Relaxed);
                 return Err(OpenError::Unprocessed("stream ids used up"));
             }
             t.next += 2;
@@ -721,7 +790,7 @@ impl Client {
             }
             Ok(Ok(Reply::Unprocessed)) => {
                 stream.ended = true;
-                Err(OpenError::Unprocessed("GOAWAY"))
+                Err(OpenError::Unprocessed("GOAWAY or stream limit"))
             }
             Ok(Err(_)) => Err(OpenError::Lost),
             Err(_) => Err(OpenError::Timeout),
@@ -800,12 +869,19 @@ pub struct Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         let id = self.slot.id;
-        if !self.ended && !lock(&self.slot.rx).reset {
+        let (was_reset, queued) = {
+            let mut rx = lock(&self.slot.rx);
+            let was_reset = rx.reset;
+            // From here on the reader drops data for it instead of queueing.
+            rx.reset = true;
+            rx.queue.clear();
+            (was_reset, std::mem::take(&mut rx.queued))
+        };
+        if !self.ended && !was_reset {
             self.conn.push_ctrl(RST, id, &[]);
         }
         self.conn.remove(id);
         // Unwritten data no longer counts against the connection.
-        let queued = std::mem::take(&mut lock(&self.slot.rx).queued);
         if queued > 0 {
             self.conn.unqueue(queued);
         }
@@ -1004,15 +1080,18 @@ async fn down(stream: &Stream, tcp: &TcpStream) -> Result<(), Failure> {
     loop {
         // Some(Some(data)): write it; Some(None): FIN; None: wait.
         let next = {
-            let rx = lock(&slot.rx);
+            let mut rx = lock(&slot.rx);
             if rx.reset {
                 return Err(Failure::Remote);
             }
             if rx.local_failed {
                 return Err(Failure::Local);
             }
-            match rx.queue.front() {
-                Some(b) => Some(Some(b.clone())),
+            match rx.queue.pop_front() {
+                Some(b) => {
+                    rx.writing = true;
+                    Some(Some(b))
+                }
                 None if rx.fin => Some(None),
                 None => None,
             }
@@ -1021,7 +1100,7 @@ async fn down(stream: &Stream, tcp: &TcpStream) -> Result<(), Failure> {
             slot.rx_wake.notified().await;
             continue;
         };
-        let Some(data) = next else {
+        let Some(mut data) = next else {
             let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
             slot.rx_done.notify_one();
             return Ok(());
@@ -1044,12 +1123,11 @@ async fn down(stream: &Stream, tcp: &TcpStream) -> Result<(), Failure> {
                 Err(_) => return Err(Failure::Local),
             }
         };
+        data.advance(n);
         let mut rx = lock(&slot.rx);
-        if let Some(front) = rx.queue.front_mut() {
-            front.advance(n);
-            if front.is_empty() {
-                rx.queue.pop_front();
-            }
+        rx.writing = false;
+        if !data.is_empty() {
+            rx.queue.push_front(data);
         }
         rx.queued = rx.queued.saturating_sub(n);
         conn.unqueue(n);
@@ -1242,6 +1320,36 @@ mod tests {
         timeout(T, app.read_to_end(&mut back)).await??;
         ensure!(back == b"still here", "{back:?}");
         timeout(T, server).await???;
+        Ok(())
+    }
+
+    /// Beyond `MAX_STREAMS` an OPEN is refused as not processed (status 0), so that
+    /// the client may open it on another connection; the ones before stay open.
+    #[tokio::test]
+    async fn opens_beyond_the_stream_limit_are_refused_unprocessed() -> anyhow::Result<()> {
+        let (mut c, s) = tcp_pair().await?;
+        let (_stop_tx, stop) = watch::channel(false);
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let keep = held.clone();
+        tokio::spawn(serve(s, move |i| lock(&keep).push(i), stop));
+        let mut opens = Vec::new();
+        for k in 0..=MAX_STREAMS as u32 {
+            opens.extend_from_slice(&header(OPEN, 9, 2 * k + 1));
+            opens.extend_from_slice(b"Bearer ok");
+        }
+        c.write_all(&opens).await?;
+        let mut got = [0u8; HEADER + 2];
+        timeout(T, c.read_exact(&mut got)).await??;
+        let last = 2 * MAX_STREAMS as u32 + 1;
+        ensure!(
+            got[..HEADER] == header(REPLY, 2, last) && got[HEADER..] == [0, 0],
+            "got {got:?}"
+        );
+        ensure!(
+            lock(&held).len() == MAX_STREAMS,
+            "{} held",
+            lock(&held).len()
+        );
         Ok(())
     }
 
