@@ -222,25 +222,35 @@ async fn mux_stream(incoming: mux::Incoming, identity: Arc<str>, shared: Arc<Sha
             let Ok(stream) = incoming.accept().await else {
                 return;
             };
-            let _track = shared.tracker.track();
-            let mut guard = ConnGuard::new(&shared.metrics, "inbound", &service);
-            shared
-                .metrics
-                .setup_seconds
-                .with_label_values(&["inbound"])
-                .observe(start.elapsed().as_secs_f64());
-            let counters = Counters {
-                up: guard.from_target.clone(),
-                down: guard.to_target.clone(),
-            };
-            let end = shared
-                .tracker
-                .run(mux::splice(target, stream, &counters))
-                .await;
-            guard.set_reason(end.reason());
+            relay_inbound(&shared, &service, start, |counters| async move {
+                mux::splice(target, stream, &counters).await
+            })
+            .await;
         }
         Err((status, reason)) => incoming.refuse(status.as_u16(), &reason).await,
     }
+}
+
+/// Runs an established inbound tunnel's relay (mux or h2) with its bookkeeping:
+/// tracked for the drain, counted per service, set-up time observed, end reason kept.
+async fn relay_inbound<F, Fut>(shared: &Shared, service: &str, start: Instant, relay: F)
+where
+    F: FnOnce(Counters) -> Fut,
+    Fut: std::future::Future<Output = copy::End>,
+{
+    let _track = shared.tracker.track();
+    let mut guard = ConnGuard::new(&shared.metrics, "inbound", service);
+    shared
+        .metrics
+        .setup_seconds
+        .with_label_values(&["inbound"])
+        .observe(start.elapsed().as_secs_f64());
+    let counters = Counters {
+        up: guard.from_target.clone(),
+        down: guard.to_target.clone(),
+    };
+    let end = shared.tracker.run(relay(counters)).await;
+    guard.set_reason(end.reason());
 }
 
 fn response(status: StatusCode) -> http::response::Builder {
@@ -266,22 +276,10 @@ async fn h2_stream(
                 let Ok(send) = respond.send_response(resp, false) else {
                     return;
                 };
-                let _track = shared.tracker.track();
-                let mut guard = ConnGuard::new(&shared.metrics, "inbound", &service);
-                shared
-                    .metrics
-                    .setup_seconds
-                    .with_label_values(&["inbound"])
-                    .observe(start.elapsed().as_secs_f64());
-                let counters = Counters {
-                    up: guard.from_target.clone(),
-                    down: guard.to_target.clone(),
-                };
-                let end = shared
-                    .tracker
-                    .run(copy::splice_h2(target, send, body, &counters))
-                    .await;
-                guard.set_reason(end.reason());
+                relay_inbound(&shared, &service, start, |counters| async move {
+                    copy::splice_h2(target, send, body, &counters).await
+                })
+                .await;
             }
             Err((status, reason)) => {
                 h2_reply(&mut respond, status, Bytes::from(reason));
