@@ -139,7 +139,8 @@ pub fn reset_on_drop(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
 }
 
-enum Failure {
+/// Which side of a relay failed.
+pub(crate) enum Failure {
     Local,
     Remote,
 }

@@ -231,7 +231,7 @@ async fn mux_stream(incoming: mux::Incoming, identity: Arc<str>, shared: Arc<Sha
     }
 }
 
-/// Runs an established inbound tunnel's relay (mux or h2) with its bookkeeping:
+/// Runs an established inbound tunnel's relay (mux, h2 or HTTP/1.1) with its bookkeeping:
 /// tracked for the drain, counted per service, set-up time observed, end reason kept.
 async fn relay_inbound<F, Fut>(shared: &Shared, service: &str, start: Instant, relay: F)
 where
@@ -408,25 +408,16 @@ async fn h1_request(
         return Ok(
             match authorize_and_dial(auth_header(req.headers()), &identity, &shared).await {
                 Ok((target, service)) => {
+                    // Tracked from here, so that a drain waits for the upgrade too.
                     let track = shared.tracker.track();
                     tokio::spawn(async move {
                         let _track = track;
-                        let mut guard = ConnGuard::new(&shared.metrics, "inbound", &service);
                         match hyper::upgrade::on(req).await {
                             Ok(upgraded) => {
-                                shared
-                                    .metrics
-                                    .setup_seconds
-                                    .with_label_values(&["inbound"])
-                                    .observe(start.elapsed().as_secs_f64());
-                                let counters = Counters {
-                                    up: guard.from_target.clone(),
-                                    down: guard.to_target.clone(),
-                                };
-                                let end =
-                                    copy::splice_io(target, TokioIo::new(upgraded), &counters)
-                                        .await;
-                                guard.set_reason(end.reason());
+                                relay_inbound(&shared, &service, start, |counters| async move {
+                                    copy::splice_io(target, TokioIo::new(upgraded), &counters).await
+                                })
+                                .await
                             }
                             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
                         }

@@ -40,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Notify};
 
-use crate::copy::{self, Counters, End};
+use crate::copy::{self, Counters, End, Failure};
 use crate::tunnel::lock;
 
 const HEADER: usize = 8;
@@ -163,9 +163,8 @@ struct Table {
     map: HashMap<u32, Arc<Slot>>,
     /// Client: the next id to use. Server: the highest id opened.
     next: u32,
-    /// GOAWAY sent (server) or received (client).
+    /// Server: GOAWAY sent. (A client knows it by `Conn::going_away`.)
     goaway: bool,
-    closed: bool,
 }
 
 /// One stream's state, shared by the connection's reader and the stream's task.
@@ -307,7 +306,6 @@ impl Conn {
         self.dead.store(true, Ordering::Relaxed);
         let slots: Vec<_> = {
             let mut t = lock(&self.table);
-            t.closed = true;
             t.map.drain().map(|(_, s)| s).collect()
         };
         for s in slots {
@@ -519,7 +517,6 @@ impl Conn {
                 self.going_away.store(true, Ordering::Relaxed);
                 let unprocessed: Vec<_> = {
                     let mut t = lock(&self.table);
-                    t.goaway = true;
                     let ids: Vec<u32> = t.map.keys().copied().filter(|i| *i > last).collect();
                     ids.iter().filter_map(|i| t.map.remove(i)).collect()
                 };
@@ -581,7 +578,7 @@ async fn drive<R: AsyncRead + Unpin>(
     conn: Arc<Conn>,
     mut rd: R,
     on_open: OnOpen<'_>,
-    mut stop: Option<watch::Receiver<bool>>,
+    stop: Option<watch::Receiver<bool>>,
 ) -> Result<(), Error> {
     let ctrl_writer = {
         let conn = conn.clone();
@@ -604,6 +601,12 @@ async fn drive<R: AsyncRead + Unpin>(
     let reader = async {
         let mut fb = FrameBuf::new();
         let mut draining = false;
+        let mut stopped = std::pin::pin!(async move {
+            match stop {
+                Some(mut s) => crate::app::stopped(&mut s).await,
+                None => std::future::pending().await,
+            }
+        });
         loop {
             let filled = fb.filled;
             let w = fb.window();
@@ -636,27 +639,9 @@ async fn drive<R: AsyncRead + Unpin>(
                 }
                 conn.drained.notified().await;
             }
-            let stopped = async {
-                match stop.as_mut() {
-                    Some(s) if !draining => crate::app::stopped(s).await,
-                    _ => std::future::pending().await,
-                }
-            };
-            let idle = async {
-                if draining {
-                    loop {
-                        if lock(&conn.table).map.is_empty() {
-                            return;
-                        }
-                        conn.left.notified().await;
-                    }
-                } else {
-                    std::future::pending().await
-                }
-            };
             let n = tokio::select! {
                 n = rd.read(&mut fb.window()[filled..filled + want]) => n?,
-                _ = stopped => {
+                _ = &mut stopped, if !draining => {
                     draining = true;
                     let last = {
                         let mut t = lock(&conn.table);
@@ -666,7 +651,7 @@ async fn drive<R: AsyncRead + Unpin>(
                     conn.push_ctrl(GOAWAY, 0, &last.to_be_bytes());
                     continue;
                 }
-                _ = idle => return Ok(()),
+                _ = all_left(&conn), if draining => return Ok(()),
             };
             fb.filled += n;
             if n == 0 {
@@ -695,6 +680,13 @@ async fn drive<R: AsyncRead + Unpin>(
     })
     .await;
     result
+}
+
+/// Returns once the connection has no streams.
+async fn all_left(conn: &Conn) {
+    while !lock(&conn.table).map.is_empty() {
+        conn.left.notified().await;
+    }
 }
 
 /// The client side of a connection: opens streams.
@@ -744,7 +736,9 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         let slot = {
             let mut t = lock(&self.conn.table);
-            if t.closed || t.goaway || self.is_dead() {
+            // `dead` and `going_away` are set before the table is cleared of the
+            // streams they end, so a stream added here is either refused or cleared.
+            if self.is_dead() {
                 return Err(OpenError::Unprocessed("connection closing"));
             }
             let id = t.next;
@@ -814,7 +808,8 @@ where
     drive(conn, rd, Some(&on_open), Some(stop)).await
 }
 
-/// An opened stream waiting for the server's answer.
+/// An opened stream waiting for the server's answer; dropped unanswered, it is reset
+/// (`Stream`'s drop).
 pub struct Incoming {
     stream: Option<Stream>,
     auth: Bytes,
@@ -847,13 +842,6 @@ impl Incoming {
             .send(&[&reply, &status.to_be_bytes(), reason])
             .await;
         stream.ended = true;
-    }
-}
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        // Dropped unanswered: the stream is reset (Stream's drop).
-        self.stream.take();
     }
 }
 
@@ -946,11 +934,6 @@ impl Buf for Parts<'_> {
         }
         k
     }
-}
-
-enum Failure {
-    Local,
-    Remote,
 }
 
 /// Relays `tcp` <-> `stream` until both directions end or either side resets. From
