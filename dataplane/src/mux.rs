@@ -19,11 +19,16 @@
 //! | 2 REPLY | server | status (2 bytes) and a UTF-8 reason; not 200 ends the stream; 0: refused before processing (stream limit), safe to open elsewhere |
 //! | 3 FIN | both | none: the sender's direction ends |
 //! | 4 RST | both | none: the stream is aborted both ways |
-//! | 5 CREDIT | both | 4 bytes: the receiver wrote that many more bytes locally |
+//! | 5 CREDIT | both | 4 bytes: the receiver wrote that many more bytes of the stream locally; on stream 0, of the connection (written, or dropped with their stream) |
 //! | 6 GOAWAY | server | 4 bytes: the last stream id it will process (stream id 0) |
 //!
-//! Flow control: a sender may have `STREAM_WINDOW` bytes of DATA per stream not yet
-//! returned by CREDIT; a receiver returns credit as it writes to the local socket.
+//! Flow control: a sender may have `STREAM_WINDOW` bytes of DATA per stream, and
+//! `CONN_WINDOW` bytes on the connection (all streams together), not yet returned by
+//! CREDIT; a receiver returns stream credit as it writes to the local socket, and
+//! connection credit for whatever leaves its hands (written, or dropped with a reset
+//! stream). The connection window bounds what a connection can make the receiver
+//! hold, so its reader never has to stop reading: control frames (OPEN, REPLY, RST,
+//! CREDIT) are never held behind data for local sockets that do not take it.
 //! Stream ids are chosen by the client, increasing. Anything else - an unknown type, a
 //! wrong length, data beyond the window or after FIN - is a protocol error and closes
 //! the connection (every stream on it is reset). Nothing here panics on input.
@@ -55,10 +60,13 @@ const _: () = assert!(MAX_OPEN <= MAX_DATA && MAX_REPLY <= MAX_DATA);
 pub const STREAM_WINDOW: usize = 4 * 1024 * 1024;
 /// Credit is returned once this much has been written locally.
 const CREDIT_AT: usize = STREAM_WINDOW / 4;
-/// Most bytes received and not yet written to local sockets, over all streams of a
-/// connection: beyond it the connection's reader stops reading (as h2's connection
-/// window does), which bounds what a connection can make us hold.
-const CONN_QUEUE_MAX: usize = 16 * 1024 * 1024;
+/// Bytes a sender may have outstanding on one connection, all streams together; part
+/// of the protocol. 16 MiB, as our h2 connection window (and ztunnel's): four streams
+/// stalled on their local sockets can hold all of it, as in h2, but unlike a reader
+/// that stops reading, that holds up only data, never control frames.
+pub const CONN_WINDOW: usize = 16 * 1024 * 1024;
+/// Connection credit is returned once this much has left the receiver's hands.
+const CONN_CREDIT_AT: usize = CONN_WINDOW / 4;
 /// Most streams a server accepts at once on one connection (as our h2 server).
 pub const MAX_STREAMS: usize = 1000;
 
@@ -148,9 +156,14 @@ struct Conn {
     ctrl: Mutex<BytesMut>,
     ctrl_ready: Notify,
     table: Mutex<Table>,
-    /// DATA bytes received and not yet written locally, all streams.
-    queued: AtomicUsize,
-    drained: Notify,
+    /// Connection credit: DATA bytes this side may still send, all streams together.
+    send_credit: AtomicUsize,
+    /// Connection credit came back, or the connection ended.
+    credit_wake: Notify,
+    /// DATA bytes the remote may still send on the connection.
+    recv_window: AtomicUsize,
+    /// Received bytes that left our hands and are not yet returned as credit.
+    recv_unacked: AtomicUsize,
     dead: AtomicBool,
     /// GOAWAY received: no new streams.
     going_away: AtomicBool,
@@ -245,8 +258,10 @@ impl Conn {
                 next: if server { 0 } else { 1 },
                 ..Table::default()
             }),
-            queued: AtomicUsize::new(0),
-            drained: Notify::new(),
+            send_credit: AtomicUsize::new(CONN_WINDOW),
+            credit_wake: Notify::new(),
+            recv_window: AtomicUsize::new(CONN_WINDOW),
+            recv_unacked: AtomicUsize::new(0),
             dead: AtomicBool::new(false),
             going_away: AtomicBool::new(false),
             left: Notify::new(),
@@ -267,14 +282,27 @@ impl Conn {
         if self.dead.load(Ordering::Relaxed) {
             return Err(Error::Closed);
         }
-        let mut out = self.writer.lock().await;
+        let out = self.writer.lock().await;
+        self.send_locked(out, parts).await
+    }
+
+    /// `send`, with the writer already held. `Error::Closed`: nothing was written.
+    async fn send_locked(
+        &self,
+        mut out: tokio::sync::MutexGuard<'_, Out>,
+        parts: &[&[u8]],
+    ) -> Result<(), Error> {
+        if self.dead.load(Ordering::Relaxed) {
+            return Err(Error::Closed);
+        }
         let Out { w, unsent } = &mut *out;
-        let ctrl = std::mem::take(&mut *lock(&self.ctrl));
         let result = async move {
             // What a cancelled send left (the rest of a frame) goes first.
             if !unsent.is_empty() {
                 w.write_all_buf(unsent).await?;
             }
+            // Taken only now: a send cancelled above leaves them for the next one.
+            let ctrl = std::mem::take(&mut *lock(&self.ctrl));
             let mut rest = Unsent {
                 parts: Parts::new(&ctrl, parts),
                 unsent,
@@ -321,7 +349,7 @@ impl Conn {
             }
         }
         self.ctrl_ready.notify_one();
-        self.drained.notify_one();
+        self.credit_wake.notify_waiters();
         self.left.notify_one();
     }
 
@@ -335,18 +363,78 @@ impl Conn {
         }
     }
 
-    fn unqueue(&self, n: usize) {
-        let before = self.queued.fetch_sub(n, Ordering::Relaxed);
-        if before > CONN_QUEUE_MAX && before - n <= CONN_QUEUE_MAX {
-            self.drained.notify_one();
+    /// Received bytes that left our hands (written locally, or dropped with their
+    /// stream) go back to the remote as connection credit once enough have gathered.
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if self.recv_unacked.fetch_add(n, Ordering::Relaxed) + n >= CONN_CREDIT_AT {
+            let u = self.recv_unacked.swap(0, Ordering::Relaxed);
+            if u > 0 {
+                // Widened before the remote can learn of it.
+                self.recv_window.fetch_add(u, Ordering::Relaxed);
+                self.push_ctrl(CREDIT, 0, &(u as u32).to_be_bytes());
+            }
+        }
+    }
+
+    /// Takes up to `want` bytes of connection credit: what there is, 0 if none.
+    fn take_credit(&self, want: usize) -> usize {
+        match self
+            .send_credit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                (c > 0).then(|| c - c.min(want))
+            }) {
+            Ok(c) => c.min(want),
+            Err(_) => 0,
+        }
+    }
+
+    /// Gives connection credit back (unused, or returned by the remote). Whoever waits
+    /// for credit found less than `MAX_DATA`, so only a return onto less than that
+    /// needs to wake anyone.
+    fn return_credit(&self, n: usize) -> usize {
+        let before = self.send_credit.fetch_add(n, Ordering::Relaxed);
+        if before < MAX_DATA && n > 0 {
+            self.credit_wake.notify_waiters();
+        }
+        before
+    }
+
+    /// Takes exactly `n` (at most `MAX_DATA`) bytes of connection credit, waiting for
+    /// them; false if the connection ended first.
+    async fn take_credit_exact(&self, n: usize) -> bool {
+        loop {
+            let wake = self.credit_wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            let took = self
+                .send_credit
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    (c >= n).then(|| c - n)
+                });
+            if took.is_ok() {
+                return true;
+            }
+            if self.dead.load(Ordering::Relaxed) {
+                return false;
+            }
+            wake.await;
         }
     }
 
     /// A DATA frame: written to the local socket at once when it takes it and nothing
     /// is queued before it, else queued for the stream's task.
     fn on_data(&self, id: u32, mut data: &[u8]) -> Result<(), Error> {
+        // Only this (the reader) takes from the window, so it cannot shrink meanwhile.
+        if data.len() > self.recv_window.load(Ordering::Relaxed) {
+            return Err(Error::Protocol("DATA beyond the connection window"));
+        }
+        self.recv_window.fetch_sub(data.len(), Ordering::Relaxed);
         let Some(slot) = self.slot(id) else {
             // The stream ended here; the remote learns it from our FIN or RST.
+            self.release(data.len());
             return Ok(());
         };
         let mut rx = lock(&slot.rx);
@@ -358,6 +446,7 @@ impl Conn {
         }
         rx.window -= data.len();
         if rx.reset || rx.local_failed {
+            self.release(data.len());
             return Ok(());
         }
         if rx.queue.is_empty() && !rx.writing {
@@ -368,6 +457,7 @@ impl Conn {
                     Err(_) => {
                         rx.local_failed = true;
                         drop(rx);
+                        self.release(data.len());
                         slot.rx_wake.notify_one();
                         return Ok(());
                     }
@@ -377,6 +467,7 @@ impl Conn {
                 }
                 rx.unacked += n;
                 self.credit(&slot, &mut rx);
+                self.release(n);
                 if n == data.len() {
                     return Ok(());
                 }
@@ -385,7 +476,6 @@ impl Conn {
         }
         // The one copy besides TLS's, only for what the socket did not take.
         rx.queued += data.len();
-        self.queued.fetch_add(data.len(), Ordering::Relaxed);
         match rx.queue.back_mut() {
             Some(back) if back.len() < COALESCE => back.extend_from_slice(data),
             _ => rx.queue.push_back(BytesMut::from(data)),
@@ -500,6 +590,13 @@ impl Conn {
             CREDIT => {
                 need(payload.len() == 4, "bad CREDIT")?;
                 let n = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                if id == 0 {
+                    let before = self.return_credit(n as usize);
+                    return need(
+                        before + n as usize <= CONN_WINDOW,
+                        "CREDIT beyond the connection window",
+                    );
+                }
                 if let Some(slot) = self.slot(id) {
                     let before = slot.credit.fetch_add(n as usize, Ordering::Relaxed);
                     need(
@@ -633,12 +730,6 @@ async fn drive<R: AsyncRead + Unpin>(
                 HEADER - filled
             };
             fb.filled = filled;
-            while conn.queued.load(Ordering::Relaxed) > CONN_QUEUE_MAX {
-                if conn.dead.load(Ordering::Relaxed) {
-                    return Err(Error::Closed);
-                }
-                conn.drained.notified().await;
-            }
             let n = tokio::select! {
                 n = rd.read(&mut fb.window()[filled..filled + want]) => n?,
                 _ = &mut stopped, if !draining => {
@@ -719,8 +810,10 @@ impl Client {
     }
 
     /// Opens a stream carrying `auth` (the Authorization value) with `early` (what the
-    /// client sent already, at most the window) right behind it, and waits up to
-    /// `timeout` for the answer.
+    /// client sent already, at most `MAX_DATA`) right behind it. `timeout` bounds all of
+    /// it: the wait for connection credit for `early`, the write, and the answer. A
+    /// connection that cannot take an OPEN in that time (its credit held by streams
+    /// stalled at the remote, or a remote that stopped reading) takes no new streams.
     pub async fn open(
         &self,
         auth: &str,
@@ -757,26 +850,54 @@ impl Client {
             ended: false,
         };
         let id = stream.slot.id;
+        let deadline = tokio::time::Instant::now() + timeout;
+        if !early.is_empty() {
+            let took = tokio::time::timeout_at(deadline, self.conn.take_credit_exact(early.len()));
+            let why = match took.await {
+                Ok(true) => None,
+                Ok(false) => Some("connection closed"),
+                Err(_) => {
+                    self.conn.going_away.store(true, Ordering::Relaxed);
+                    Some("no connection credit in time")
+                }
+            };
+            if let Some(why) = why {
+                // Nothing of it was written.
+                stream.ended = true;
+                return Err(OpenError::Unprocessed(why));
+            }
+            stream.slot.credit.fetch_sub(early.len(), Ordering::Relaxed);
+        }
         let open = header(OPEN, auth.len(), id);
         let data = header(DATA, early.len(), id);
-        let sent = if early.is_empty() {
-            self.conn.send(&[&open, auth.as_bytes()]).await
+        let parts: &[&[u8]] = if early.is_empty() {
+            &[&open, auth.as_bytes()]
         } else {
-            stream.slot.credit.fetch_sub(early.len(), Ordering::Relaxed);
-            self.conn
-                .send(&[&open, auth.as_bytes(), &data, early])
-                .await
+            &[&open, auth.as_bytes(), &data, early]
         };
-        match sent {
-            Ok(()) => {}
+        let Ok(out) = tokio::time::timeout_at(deadline, self.conn.writer.lock()).await else {
+            // Another stream's write has held the connection all this time: nothing of
+            // this one was written, so its credit goes back.
+            self.conn.going_away.store(true, Ordering::Relaxed);
+            self.conn.return_credit(early.len());
+            stream.ended = true;
+            return Err(OpenError::Unprocessed("connection not writable in time"));
+        };
+        match tokio::time::timeout_at(deadline, self.conn.send_locked(out, parts)).await {
+            Ok(Ok(())) => {}
             // Nothing was written: the connection had already ended.
-            Err(Error::Closed) => {
+            Ok(Err(Error::Closed)) => {
                 stream.ended = true;
                 return Err(OpenError::Unprocessed("connection closed"));
             }
-            Err(_) => return Err(OpenError::Lost),
+            Ok(Err(_)) => return Err(OpenError::Lost),
+            // Part of it may have been written (the rest follows with the next send).
+            Err(_) => {
+                self.conn.going_away.store(true, Ordering::Relaxed);
+                return Err(OpenError::Timeout);
+            }
         }
-        match tokio::time::timeout(timeout, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(Reply::Status(200, _))) => Ok(stream),
             Ok(Ok(Reply::Status(status, reason))) => {
                 stream.ended = true;
@@ -870,9 +991,7 @@ impl Drop for Stream {
         }
         self.conn.remove(id);
         // Unwritten data no longer counts against the connection.
-        if queued > 0 {
-            self.conn.unqueue(queued);
-        }
+        self.conn.release(queued);
     }
 }
 
@@ -1003,7 +1122,11 @@ async fn up(stream: &Stream, tcp: &TcpStream, counter: &IntCounter) -> Result<()
         }
         let credit = slot.credit.load(Ordering::Relaxed);
         if credit == 0 {
-            slot.tx_wake.notified().await;
+            // A local reset still ends the stream while it waits for credit.
+            tokio::select! {
+                _ = slot.tx_wake.notified() => {}
+                _ = tcp.ready(Interest::ERROR) => return Err(Failure::Local),
+            }
             continue;
         }
         tokio::select! {
@@ -1012,9 +1135,28 @@ async fn up(stream: &Stream, tcp: &TcpStream, counter: &IntCounter) -> Result<()
             },
             _ = slot.tx_wake.notified() => continue,
         }
-        let want = credit.min(MAX_DATA);
+        let conn = &stream.conn;
+        let want = conn.take_credit(credit.min(MAX_DATA));
+        if want == 0 {
+            // All of the connection's credit is out (other streams' data waits for
+            // slow sockets at the remote): wait for some, or for this stream's reset.
+            let wake = conn.credit_wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if conn.send_credit.load(Ordering::Relaxed) == 0 && !conn.dead.load(Ordering::Relaxed) {
+                tokio::select! {
+                    _ = wake => {}
+                    _ = slot.tx_wake.notified() => {}
+                    _ = tcp.ready(Interest::ERROR) => return Err(Failure::Local),
+                }
+            }
+            continue;
+        }
         let mut buf = copy::phased_buf_with(want);
-        match read_some(tcp, &mut buf, want, last >= copy::STREAMING_READ) {
+        let read = read_some(tcp, &mut buf, want, last >= copy::STREAMING_READ);
+        // What this read did not use goes back at once.
+        conn.return_credit(want - read.as_ref().map_or(0, |n| *n));
+        match read {
             Ok(0) => {
                 stream
                     .conn
@@ -1113,7 +1255,7 @@ async fn down(stream: &Stream, tcp: &TcpStream) -> Result<(), Failure> {
             rx.queue.push_front(data);
         }
         rx.queued = rx.queued.saturating_sub(n);
-        conn.unqueue(n);
+        conn.release(n);
         if let Some(c) = &rx.down {
             c.inc_by(n as u64);
         }
@@ -1336,6 +1478,91 @@ mod tests {
         Ok(())
     }
 
+    /// A target that holds every connection whose first byte is `S` without ever
+    /// reading it, and echoes the others.
+    async fn stall_or_echo() -> anyhow::Result<std::net::SocketAddr> {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        tokio::spawn(async move {
+            let mut stalled = Vec::new();
+            while let Ok((mut tcp, _)) = l.accept().await {
+                let mut first = [0u8; 1];
+                if tcp.read_exact(&mut first).await.is_err() {
+                    continue;
+                }
+                if first[0] == b'S' {
+                    stalled.push(tcp);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.split();
+                    if w.write_all(&first).await.is_ok() {
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    }
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Ok(addr)
+    }
+
+    /// Streams stalled at the remote take all of the connection's credit; the remote
+    /// still reads control frames (a new stream opens, a reset arrives), an OPEN that
+    /// needs credit for its first bytes is not processed and retires the connection
+    /// for new streams, and once the stalled streams are reset the data they left
+    /// queued comes back as credit and the other stream's data flows.
+    #[tokio::test]
+    async fn stalled_streams_hold_data_not_control_frames() -> anyhow::Result<()> {
+        let (_stop_tx, stop) = watch::channel(false);
+        let (client, _server) = mux_pair(stall_or_echo().await?, stop).await?;
+        let mut stalled = Vec::new();
+        for _ in 0..5 {
+            let app = open_local(&client, "ok").await?;
+            let (r, mut w) = app.into_split();
+            let writer = tokio::spawn(async move {
+                let chunk = vec![b'S'; 256 * 1024];
+                while w.write_all(&chunk).await.is_ok() {}
+            });
+            stalled.push((r, writer));
+        }
+        let conn = &client.conn;
+        timeout(T, async {
+            while conn.send_credit.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .context("the stalled streams did not take all of the connection's credit")?;
+        // Before, a reader holding 16 MiB stopped reading: this OPEN got no answer.
+        let mut app = open_local(&client, "ok").await?;
+        match client
+            .open(
+                "Bearer ok",
+                &Bytes::from_static(b"x"),
+                Duration::from_millis(300),
+            )
+            .await
+        {
+            Err(OpenError::Unprocessed(_)) => {}
+            Err(e) => bail!("unexpected error: {e}"),
+            Ok(_) => bail!("an OPEN with data went out without connection credit"),
+        }
+        ensure!(client.is_dead(), "the connection still takes new streams");
+        app.write_all(b"ping").await?;
+        for (r, writer) in stalled {
+            // Closed with RST: the kernel drops what it holds, the gateway resets.
+            copy::reset_on_drop(r.as_ref());
+            writer.abort();
+            let _ = writer.await;
+        }
+        let mut got = [0u8; 4];
+        timeout(T, app.read_exact(&mut got))
+            .await
+            .context("no connection credit came back")??;
+        ensure!(&got == b"ping");
+        Ok(())
+    }
+
     /// Frames that break the protocol close the connection with an error, whatever
     /// they are; the server neither panics nor waits.
     #[tokio::test]
@@ -1357,6 +1584,27 @@ mod tests {
         data_after_fin.push(0);
         let mut id_not_increasing = open(3);
         id_not_increasing.extend_from_slice(&open(3));
+        // Four streams with their whole window each fill the connection's window; one
+        // byte more on a fifth is beyond it.
+        let mut beyond_conn_window = Vec::new();
+        for k in 0..5u32 {
+            let id = 2 * k + 1;
+            beyond_conn_window.extend_from_slice(&open(id));
+            let mut left = if k < 4 { STREAM_WINDOW } else { 1 };
+            while left > 0 {
+                let n = left.min(MAX_DATA);
+                beyond_conn_window.extend_from_slice(&header(DATA, n, id));
+                beyond_conn_window.extend_from_slice(&chunk[..n]);
+                left -= n;
+            }
+        }
+        let credit = |id: u32, n: u32| -> Vec<u8> {
+            header(CREDIT, 4, id)
+                .iter()
+                .chain(&n.to_be_bytes())
+                .copied()
+                .collect()
+        };
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("unknown frame type", header(9, 0, 1).to_vec()),
             ("frame too long", header(DATA, 0xff_ffff, 1).to_vec()),
@@ -1382,6 +1630,8 @@ mod tests {
                     .copied()
                     .collect(),
             ),
+            ("DATA beyond the connection window", beyond_conn_window),
+            ("CREDIT beyond the connection window", credit(0, 1)),
         ];
         for (want, bytes) in cases {
             let (mut c, s) = tcp_pair().await?;
