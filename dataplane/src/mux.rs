@@ -167,6 +167,9 @@ struct Conn {
     dead: AtomicBool,
     /// GOAWAY received: no new streams.
     going_away: AtomicBool,
+    /// Client: no `Client` handle is left, so no new streams; the connection ends
+    /// gracefully once its last stream has.
+    unused: AtomicBool,
     /// A stream left the table (for a draining server).
     left: Notify,
 }
@@ -264,6 +267,7 @@ impl Conn {
             recv_unacked: AtomicUsize::new(0),
             dead: AtomicBool::new(false),
             going_away: AtomicBool::new(false),
+            unused: AtomicBool::new(false),
             left: Notify::new(),
         })
     }
@@ -323,6 +327,10 @@ impl Conn {
         t.map.remove(&id);
         drop(t);
         self.left.notify_one();
+        if self.unused.load(Ordering::Relaxed) {
+            // Perhaps the last stream of an unused client connection: see `drive`.
+            self.ctrl_ready.notify_one();
+        }
     }
 
     fn slot(&self, id: u32) -> Option<Arc<Slot>> {
@@ -685,6 +693,18 @@ async fn drive<R: AsyncRead + Unpin>(
                 if conn.dead.load(Ordering::Relaxed) {
                     return;
                 }
+                if conn.unused.load(Ordering::Relaxed) && lock(&conn.table).map.is_empty() {
+                    // A client connection nobody can open streams on (dropped from the
+                    // pool: an older certificate, GOAWAY) and with no stream left: close
+                    // our side (close_notify and FIN). The server closes its side on
+                    // that, and the reader ends at its end of file. Bounded: a remote
+                    // that stopped reading may never take the close_notify.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        conn.writer.lock().await.w.shutdown().await
+                    })
+                    .await;
+                    return std::future::pending().await;
+                }
                 if lock(&conn.ctrl).is_empty() {
                     continue;
                 }
@@ -780,10 +800,22 @@ async fn all_left(conn: &Conn) {
     }
 }
 
-/// The client side of a connection: opens streams.
+/// The client side of a connection: opens streams. Once every clone is dropped, the
+/// connection takes no new streams and ends gracefully after its last one.
 #[derive(Clone)]
 pub struct Client {
     conn: Arc<Conn>,
+    _handle: Arc<Handle>,
+}
+
+/// Marks the connection unused when the last `Client` clone goes.
+struct Handle(Arc<Conn>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.unused.store(true, Ordering::Relaxed);
+        self.0.ctrl_ready.notify_one();
+    }
 }
 
 impl Client {
@@ -801,7 +833,14 @@ impl Client {
         let (rd, wr) = tokio::io::split(io);
         let conn = Conn::new(Box::new(wr), false);
         let driver = drive(conn.clone(), rd, None, None);
-        (Client { conn }, driver)
+        let handle = Arc::new(Handle(conn.clone()));
+        (
+            Client {
+                conn,
+                _handle: handle,
+            },
+            driver,
+        )
     }
 
     /// True once the connection has ended or is going away: no new streams on it.
@@ -1445,6 +1484,33 @@ mod tests {
         timeout(T, app.read_to_end(&mut back)).await??;
         ensure!(back == b"still here", "{back:?}");
         timeout(T, server).await???;
+        Ok(())
+    }
+
+    /// A client connection whose every handle is dropped (as the pool drops one of an
+    /// older certificate) keeps carrying its open stream, then ends gracefully: the
+    /// server sees the end and finishes without an error.
+    #[tokio::test]
+    async fn a_dropped_client_ends_the_connection_after_its_last_stream() -> anyhow::Result<()> {
+        let (_stop_tx, stop) = watch::channel(false);
+        let (client, server) = mux_pair(echo().await?, stop).await?;
+        let mut app = open_local(&client, "ok").await?;
+        drop(client);
+        app.write_all(b"still here").await?;
+        let mut got = [0u8; 10];
+        timeout(T, app.read_exact(&mut got)).await??;
+        ensure!(&got == b"still here");
+        ensure!(
+            !server.is_finished(),
+            "the connection ended under its stream"
+        );
+        app.shutdown().await?;
+        let mut rest = Vec::new();
+        timeout(T, app.read_to_end(&mut rest)).await??;
+        ensure!(rest.is_empty(), "{rest:?}");
+        timeout(T, server)
+            .await
+            .context("the connection stayed open")???;
         Ok(())
     }
 

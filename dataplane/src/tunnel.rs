@@ -134,6 +134,15 @@ struct Pooled {
 }
 
 impl Pooled {
+    /// Never again usable: made with an older certificate, or going away.
+    fn retired(&self, generation: u64) -> bool {
+        self.generation != generation
+            || match &self.link {
+                Link::H2(_) => false,
+                Link::Mux(client) => client.is_dead(),
+            }
+    }
+
     fn usable(&self, generation: u64) -> bool {
         let max = match &self.link {
             Link::H2(send) => send.current_max_send_streams(),
@@ -366,7 +375,11 @@ impl Dialer {
         // attempt failed (see `growth_failed_until`).
         let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>, may_grow: bool| {
             let conns = pool.entry(key.clone()).or_default();
-            conns.retain(|c| !c.dead.load(Ordering::Relaxed));
+            // Dropped from the pool: dead ones, and those no new stream may use (an
+            // older certificate, GOAWAY received); a dropped connection carries its
+            // streams to their end and then closes (h2 and mux alike), instead of
+            // staying open until the remote closes it.
+            conns.retain(|c| !c.dead.load(Ordering::Relaxed) && !c.retired(generation));
             let usable: Vec<_> = conns.iter().filter(|c| c.usable(generation)).collect();
             let least_busy = |own: bool| {
                 usable

@@ -35,7 +35,21 @@ fn served_serial(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Option<Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_keeps_live_streams_and_new_tunnels_use_the_new_certificate() -> Result<()> {
-    let pair = Pair::start(Options::default()).await?;
+    rotation(Options::default()).await
+}
+
+/// The same with pooled h2 CONNECT tunnels (toward a gateway without the multiplexer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_over_h2_keeps_live_streams_and_closes_the_old_tunnel() -> Result<()> {
+    rotation(Options {
+        no_mux_a: true,
+        ..Options::default()
+    })
+    .await
+}
+
+async fn rotation(opts: Options) -> Result<()> {
+    let pair = Pair::start(opts).await?;
     let mut live = TcpStream::connect(pair.import).await?;
     ping(&mut live, b"before").await?;
 
@@ -106,6 +120,25 @@ async fn rotation_keeps_live_streams_and_new_tunnels_use_the_new_certificate() -
     ensure!(generation(admin_a).await == Some(2));
     ping(&mut live, b"after a bad file").await?;
     ensure!(echo_round_trip(pair.import, b"still fine").await? == b"still fine");
+
+    // The tunnel made with the old certificate carried `live` to its end and then
+    // closed; the new ones stay.
+    drop(live);
+    eventually(
+        "the old tunnel closes after its last stream",
+        T,
+        || async move {
+            let m = http_get(admin_a, "/metrics").await.ok()?.1;
+            let made = metric(
+                &m,
+                "clusterlink_tunnel_handshakes_total",
+                &["side=\"client\"", "result=\"ok\""],
+            );
+            (metric(&m, "clusterlink_tunnels_open", &[]) == made - 1.0).then_some(())
+        },
+    )
+    .await?;
+    ensure!(echo_round_trip(pair.import, b"after it closed").await? == b"after it closed");
     Ok(())
 }
 
