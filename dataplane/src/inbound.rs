@@ -125,6 +125,9 @@ async fn connection(
     };
     let identity: Arc<str> = identity.into();
     let alpn = tls.get_ref().1.alpn_protocol();
+    if alpn == Some(ALPN_MUX) || alpn == Some(ALPN_H2) {
+        tunnel::set_user_timeout(tls.get_ref().0);
+    }
     if alpn == Some(ALPN_MUX) {
         serve_mux(tls, identity, shared, stop).await;
     } else if alpn == Some(ALPN_H2) {

@@ -118,9 +118,10 @@ fn header(kind: u8, len: usize, id: u32) -> [u8; HEADER] {
 
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// The connection's write side. A send whose task is cancelled mid-write (a stream
-/// reset or drained while TLS took part of its frame) leaves the rest in `unsent`,
-/// which the next send writes first, so frames are never cut short on the wire.
+/// The connection's write side. Once a send holds it, its frames are on the wire or
+/// kept: a send whose task is cancelled (a stream reset or drained while TLS took part
+/// of its frame, or before it wrote anything) leaves the rest in `unsent`, which the
+/// next send writes first, so frames are never cut short or lost on the wire.
 struct Out {
     w: Writer,
     unsent: BytesMut,
@@ -139,6 +140,27 @@ impl Drop for Unsent<'_, '_> {
             let n = chunk.len();
             self.unsent.extend_from_slice(chunk);
             self.parts.advance(n);
+        }
+    }
+}
+
+/// Connection credit taken for a frame not yet handed to the writer: returned if
+/// dropped before `commit` (the frame was never sent).
+struct Held<'a> {
+    conn: &'a Conn,
+    n: usize,
+}
+
+impl Held<'_> {
+    fn commit(mut self) {
+        self.n = 0;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            self.conn.return_credit(self.n);
         }
     }
 }
@@ -281,37 +303,46 @@ impl Conn {
     }
 
     /// Writes `parts` as one write (the frames stay whole), ahead of it any waiting
-    /// control frames, and flushes.
-    async fn send(&self, parts: &[&[u8]]) -> Result<(), Error> {
+    /// control frames, and flushes. `credit`: connection credit taken for the DATA in
+    /// `parts`, returned if the send is cancelled before the writer is held (after
+    /// that, the frame goes out whatever happens to this task).
+    async fn send(&self, parts: &[&[u8]], credit: usize) -> Result<(), Error> {
+        let held = Held {
+            conn: self,
+            n: credit,
+        };
         if self.dead.load(Ordering::Relaxed) {
             return Err(Error::Closed);
         }
-        let out = self.writer.lock().await;
-        self.send_locked(out, parts).await
+        let mut out = self.writer.lock().await;
+        held.commit();
+        self.send_locked(&mut out, parts).await
     }
 
     /// `send`, with the writer already held. `Error::Closed`: nothing was written.
-    async fn send_locked(
-        &self,
-        mut out: tokio::sync::MutexGuard<'_, Out>,
-        parts: &[&[u8]],
-    ) -> Result<(), Error> {
+    async fn send_locked(&self, out: &mut Out, parts: &[&[u8]]) -> Result<(), Error> {
         if self.dead.load(Ordering::Relaxed) {
             return Err(Error::Closed);
         }
-        let Out { w, unsent } = &mut *out;
+        let Out { w, unsent } = out;
+        let ctrl = std::mem::take(&mut *lock(&self.ctrl));
         let result = async move {
-            // What a cancelled send left (the rest of a frame) goes first.
-            if !unsent.is_empty() {
+            if unsent.is_empty() {
+                let mut rest = Unsent {
+                    parts: Parts::new(&ctrl, parts),
+                    unsent,
+                };
+                w.write_all_buf(&mut rest.parts).await?;
+            } else {
+                // What a cancelled send left (the rest of a frame) goes first; this
+                // send's frames join it, so that they too are kept if this one is
+                // cancelled (rare: a copy only after a cancellation).
+                unsent.extend_from_slice(&ctrl);
+                for p in parts {
+                    unsent.extend_from_slice(p);
+                }
                 w.write_all_buf(unsent).await?;
             }
-            // Taken only now: a send cancelled above leaves them for the next one.
-            let ctrl = std::mem::take(&mut *lock(&self.ctrl));
-            let mut rest = Unsent {
-                parts: Parts::new(&ctrl, parts),
-                unsent,
-            };
-            w.write_all_buf(&mut rest.parts).await?;
             w.flush().await
         }
         .await;
@@ -699,8 +730,13 @@ async fn drive<R: AsyncRead + Unpin>(
                     // our side (close_notify and FIN). The server closes its side on
                     // that, and the reader ends at its end of file. Bounded: a remote
                     // that stopped reading may never take the close_notify.
+                    // What is left to write (a cancelled send's rest, the last
+                    // stream's RST) goes out first.
                     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        conn.writer.lock().await.w.shutdown().await
+                        let mut out = conn.writer.lock().await;
+                        if conn.send_locked(&mut out, &[]).await.is_ok() {
+                            let _ = out.w.shutdown().await;
+                        }
                     })
                     .await;
                     return std::future::pending().await;
@@ -708,7 +744,7 @@ async fn drive<R: AsyncRead + Unpin>(
                 if lock(&conn.ctrl).is_empty() {
                     continue;
                 }
-                if conn.send(&[]).await.is_err() {
+                if conn.send(&[], 0).await.is_err() {
                     conn.close();
                     return;
                 }
@@ -780,7 +816,7 @@ async fn drive<R: AsyncRead + Unpin>(
     };
     // Control frames still waiting (a draining server's GOAWAY) go out first.
     if !lock(&conn.ctrl).is_empty() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.send(&[])).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.send(&[], 0)).await;
     }
     conn.close();
     // Let the remote see the end (close_notify) rather than only a dropped socket.
@@ -848,6 +884,13 @@ impl Client {
         self.conn.dead.load(Ordering::Relaxed) || self.conn.going_away.load(Ordering::Relaxed)
     }
 
+    /// True while less than a frame's worth of connection credit is left: the remote
+    /// holds data of this connection's streams that its local sockets have not taken,
+    /// and a new stream's data would wait behind it.
+    pub fn congested(&self) -> bool {
+        self.conn.send_credit.load(Ordering::Relaxed) < MAX_DATA
+    }
+
     /// Opens a stream carrying `auth` (the Authorization value) with `early` (what the
     /// client sent already, at most `MAX_DATA`) right behind it. `timeout` bounds all of
     /// it: the wait for connection credit for `early`, the write, and the answer. A
@@ -865,9 +908,33 @@ impl Client {
                 reason: "request too large".into(),
             });
         }
+        if self.is_dead() {
+            return Err(OpenError::Unprocessed("connection closing"));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let conn = &*self.conn;
+        // Connection credit for the first bytes, given back unless they are sent.
+        let mut held = Held { conn, n: 0 };
+        if !early.is_empty() {
+            match tokio::time::timeout_at(deadline, conn.take_credit_exact(early.len())).await {
+                Ok(true) => held.n = early.len(),
+                Ok(false) => return Err(OpenError::Unprocessed("connection closed")),
+                Err(_) => {
+                    conn.going_away.store(true, Ordering::Relaxed);
+                    return Err(OpenError::Unprocessed("no connection credit in time"));
+                }
+            }
+        }
+        let Ok(mut out) = tokio::time::timeout_at(deadline, conn.writer.lock()).await else {
+            // Another stream's write has held the connection all this time.
+            conn.going_away.store(true, Ordering::Relaxed);
+            return Err(OpenError::Unprocessed("connection not writable in time"));
+        };
+        // The id is taken with the writer held, so that OPENs reach the wire in the
+        // order of their ids (the server requires it).
         let (tx, rx) = oneshot::channel();
         let slot = {
-            let mut t = lock(&self.conn.table);
+            let mut t = lock(&conn.table);
             // `dead` and `going_away` are set before the table is cleared of the
             // streams they end, so a stream added here is either refused or cleared.
             if self.is_dead() {
@@ -875,7 +942,7 @@ impl Client {
             }
             let id = t.next;
             if id > u32::MAX - 2 {
-                self.conn.going_away.store(true, Ordering::Relaxed);
+                conn.going_away.store(true, Ordering::Relaxed);
                 return Err(OpenError::Unprocessed("stream ids used up"));
             }
             t.next += 2;
@@ -889,24 +956,7 @@ impl Client {
             ended: false,
         };
         let id = stream.slot.id;
-        let deadline = tokio::time::Instant::now() + timeout;
-        if !early.is_empty() {
-            let took = tokio::time::timeout_at(deadline, self.conn.take_credit_exact(early.len()));
-            let why = match took.await {
-                Ok(true) => None,
-                Ok(false) => Some("connection closed"),
-                Err(_) => {
-                    self.conn.going_away.store(true, Ordering::Relaxed);
-                    Some("no connection credit in time")
-                }
-            };
-            if let Some(why) = why {
-                // Nothing of it was written.
-                stream.ended = true;
-                return Err(OpenError::Unprocessed(why));
-            }
-            stream.slot.credit.fetch_sub(early.len(), Ordering::Relaxed);
-        }
+        stream.slot.credit.fetch_sub(early.len(), Ordering::Relaxed);
         let open = header(OPEN, auth.len(), id);
         let data = header(DATA, early.len(), id);
         let parts: &[&[u8]] = if early.is_empty() {
@@ -914,15 +964,9 @@ impl Client {
         } else {
             &[&open, auth.as_bytes(), &data, early]
         };
-        let Ok(out) = tokio::time::timeout_at(deadline, self.conn.writer.lock()).await else {
-            // Another stream's write has held the connection all this time: nothing of
-            // this one was written, so its credit goes back.
-            self.conn.going_away.store(true, Ordering::Relaxed);
-            self.conn.return_credit(early.len());
-            stream.ended = true;
-            return Err(OpenError::Unprocessed("connection not writable in time"));
-        };
-        match tokio::time::timeout_at(deadline, self.conn.send_locked(out, parts)).await {
+        // From here on the frames go out whatever happens to this task.
+        held.commit();
+        match tokio::time::timeout_at(deadline, conn.send_locked(&mut out, parts)).await {
             Ok(Ok(())) => {}
             // Nothing was written: the connection had already ended.
             Ok(Err(Error::Closed)) => {
@@ -930,12 +974,14 @@ impl Client {
                 return Err(OpenError::Unprocessed("connection closed"));
             }
             Ok(Err(_)) => return Err(OpenError::Lost),
-            // Part of it may have been written (the rest follows with the next send).
+            // Written in part; the rest goes out first with the next send, and the
+            // stream's drop resets it.
             Err(_) => {
-                self.conn.going_away.store(true, Ordering::Relaxed);
+                conn.going_away.store(true, Ordering::Relaxed);
                 return Err(OpenError::Timeout);
             }
         }
+        drop(out);
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(Reply::Status(200, _))) => Ok(stream),
             Ok(Ok(Reply::Status(status, reason))) => {
@@ -985,7 +1031,10 @@ impl Incoming {
     pub async fn accept(mut self) -> Result<Stream, Error> {
         let stream = self.stream.take().ok_or(Error::Closed)?;
         let reply = header(REPLY, 2, stream.slot.id);
-        stream.conn.send(&[&reply, &200u16.to_be_bytes()]).await?;
+        stream
+            .conn
+            .send(&[&reply, &200u16.to_be_bytes()], 0)
+            .await?;
         Ok(stream)
     }
 
@@ -999,7 +1048,7 @@ impl Incoming {
         let reply = header(REPLY, 2 + reason.len(), stream.slot.id);
         let _ = stream
             .conn
-            .send(&[&reply, &status.to_be_bytes(), reason])
+            .send(&[&reply, &status.to_be_bytes(), reason], 0)
             .await;
         stream.ended = true;
     }
@@ -1177,12 +1226,15 @@ async fn up(stream: &Stream, tcp: &TcpStream, counter: &IntCounter) -> Result<()
         let conn = &stream.conn;
         let want = conn.take_credit(credit.min(MAX_DATA));
         if want == 0 {
+            if conn.dead.load(Ordering::Relaxed) {
+                return Err(Failure::Remote);
+            }
             // All of the connection's credit is out (other streams' data waits for
             // slow sockets at the remote): wait for some, or for this stream's reset.
             let wake = conn.credit_wake.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
-            if conn.send_credit.load(Ordering::Relaxed) == 0 && !conn.dead.load(Ordering::Relaxed) {
+            if conn.send_credit.load(Ordering::Relaxed) == 0 {
                 tokio::select! {
                     _ = wake => {}
                     _ = slot.tx_wake.notified() => {}
@@ -1199,7 +1251,7 @@ async fn up(stream: &Stream, tcp: &TcpStream, counter: &IntCounter) -> Result<()
             Ok(0) => {
                 stream
                     .conn
-                    .send(&[&header(FIN, 0, id)])
+                    .send(&[&header(FIN, 0, id)], 0)
                     .await
                     .map_err(|_| Failure::Remote)?;
                 lock(&slot.rx).fin_sent = true;
@@ -1211,7 +1263,7 @@ async fn up(stream: &Stream, tcp: &TcpStream, counter: &IntCounter) -> Result<()
                 counter.inc_by(n as u64);
                 stream
                     .conn
-                    .send(&[&header(DATA, n, id), &buf])
+                    .send(&[&header(DATA, n, id), &buf], n)
                     .await
                     .map_err(|_| Failure::Remote)?;
             }
@@ -1572,18 +1624,14 @@ mod tests {
         Ok(addr)
     }
 
-    /// Streams stalled at the remote take all of the connection's credit; the remote
-    /// still reads control frames (a new stream opens, a reset arrives), an OPEN that
-    /// needs credit for its first bytes is not processed and retires the connection
-    /// for new streams, and once the stalled streams are reset the data they left
-    /// queued comes back as credit and the other stream's data flows.
-    #[tokio::test]
-    async fn stalled_streams_hold_data_not_control_frames() -> anyhow::Result<()> {
-        let (_stop_tx, stop) = watch::channel(false);
-        let (client, _server) = mux_pair(stall_or_echo().await?, stop).await?;
+    type Stalled = Vec<(tokio::net::tcp::OwnedReadHalf, JoinHandle<()>)>;
+
+    /// Opens 5 streams whose target never reads and writes into them until they have
+    /// taken all of the connection's credit.
+    async fn stall(client: &Client) -> anyhow::Result<Stalled> {
         let mut stalled = Vec::new();
         for _ in 0..5 {
-            let app = open_local(&client, "ok").await?;
+            let app = open_local(client, "ok").await?;
             let (r, mut w) = app.into_split();
             let writer = tokio::spawn(async move {
                 let chunk = vec![b'S'; 256 * 1024];
@@ -1599,14 +1647,93 @@ mod tests {
         })
         .await
         .context("the stalled streams did not take all of the connection's credit")?;
+        Ok(stalled)
+    }
+
+    /// Resets the stalled streams' local ends (RST: the kernel drops what it holds).
+    async fn reset_all(stalled: Stalled) {
+        for (r, writer) in stalled {
+            copy::reset_on_drop(r.as_ref());
+            writer.abort();
+            let _ = writer.await;
+        }
+    }
+
+    /// Streams stalled at the remote take all of the connection's credit; the remote
+    /// still reads control frames (a new stream opens, resets arrive). An OPEN with
+    /// first bytes waits for credit without holding back a later OPEN, whose id is
+    /// higher: the ids still reach the server in order. Once the stalled streams are
+    /// reset, the data they left queued comes back as credit and both streams flow.
+    #[tokio::test]
+    async fn stalled_streams_hold_data_not_control_frames() -> anyhow::Result<()> {
+        let (_stop_tx, stop) = watch::channel(false);
+        let (client, server) = mux_pair(stall_or_echo().await?, stop).await?;
+        let stalled = stall(&client).await?;
+        ensure!(client.congested(), "not reported as congested");
+        let waiting = {
+            let client = client.clone();
+            tokio::spawn(
+                async move { client.open("Bearer ok", &Bytes::from_static(b"x"), T).await },
+            )
+        };
         // Before, a reader holding 16 MiB stopped reading: this OPEN got no answer.
         let mut app = open_local(&client, "ok").await?;
+        app.write_all(b"ping").await?;
+        ensure!(
+            !waiting.is_finished(),
+            "the OPEN with data did not wait for credit"
+        );
+        reset_all(stalled).await;
+        let mut got = [0u8; 4];
+        timeout(T, app.read_exact(&mut got))
+            .await
+            .context("no connection credit came back")??;
+        ensure!(&got == b"ping");
+        let stream = timeout(T, waiting).await???;
+        let (mut early_app, gw) = tcp_pair().await?;
+        let counters = counters()?;
+        tokio::spawn(async move { splice(gw, stream, &counters).await });
+        let mut x = [0u8; 1];
+        timeout(T, early_app.read_exact(&mut x)).await??;
+        ensure!(&x == b"x");
+        ensure!(!server.is_finished(), "the server closed the connection");
+        Ok(())
+    }
+
+    /// A DATA send cancelled while it waits for the writer (its stream was reset)
+    /// gives its connection credit back: nothing of it was sent.
+    #[tokio::test]
+    async fn a_send_cancelled_before_it_writes_gives_its_credit_back() -> anyhow::Result<()> {
+        let (c, _s) = tcp_pair().await?;
+        let (client, driver) = Client::new(c);
+        tokio::spawn(driver);
+        let conn = &client.conn;
+        let n = conn.take_credit(1000);
+        ensure!(n == 1000 && conn.send_credit.load(Ordering::Relaxed) == CONN_WINDOW - n);
+        let busy = conn.writer.lock().await;
+        let (head, data) = (header(DATA, n, 1), vec![1u8; n]);
+        let parts: [&[u8]; 2] = [&head, &data];
+        ensure!(
+            timeout(Duration::from_millis(50), conn.send(&parts, n))
+                .await
+                .is_err(),
+            "the send did not wait for the writer"
+        );
+        drop(busy);
+        ensure!(conn.send_credit.load(Ordering::Relaxed) == CONN_WINDOW);
+        Ok(())
+    }
+
+    /// An OPEN whose first bytes get no connection credit in time is not processed
+    /// (the client may retry it elsewhere), and the connection takes no new streams.
+    #[tokio::test]
+    async fn an_open_without_credit_in_time_is_not_processed() -> anyhow::Result<()> {
+        let (_stop_tx, stop) = watch::channel(false);
+        let (client, _server) = mux_pair(stall_or_echo().await?, stop).await?;
+        let stalled = stall(&client).await?;
+        let early = Bytes::from_static(b"x");
         match client
-            .open(
-                "Bearer ok",
-                &Bytes::from_static(b"x"),
-                Duration::from_millis(300),
-            )
+            .open("Bearer ok", &early, Duration::from_millis(300))
             .await
         {
             Err(OpenError::Unprocessed(_)) => {}
@@ -1614,18 +1741,7 @@ mod tests {
             Ok(_) => bail!("an OPEN with data went out without connection credit"),
         }
         ensure!(client.is_dead(), "the connection still takes new streams");
-        app.write_all(b"ping").await?;
-        for (r, writer) in stalled {
-            // Closed with RST: the kernel drops what it holds, the gateway resets.
-            copy::reset_on_drop(r.as_ref());
-            writer.abort();
-            let _ = writer.await;
-        }
-        let mut got = [0u8; 4];
-        timeout(T, app.read_exact(&mut got))
-            .await
-            .context("no connection credit came back")??;
-        ensure!(&got == b"ping");
+        reset_all(stalled).await;
         Ok(())
     }
 

@@ -134,9 +134,11 @@ struct Pooled {
 }
 
 impl Pooled {
-    /// Never again usable: made with an older certificate, or going away.
+    /// Never again usable: made with an older certificate (generations only grow; a
+    /// task that read the generation before a reload must not retire newer ones), or
+    /// going away.
     fn retired(&self, generation: u64) -> bool {
-        self.generation != generation
+        self.generation < generation
             || match &self.link {
                 Link::H2(_) => false,
                 Link::Mux(client) => client.is_dead(),
@@ -147,7 +149,9 @@ impl Pooled {
         let max = match &self.link {
             Link::H2(send) => send.current_max_send_streams(),
             Link::Mux(client) => {
-                if client.is_dead() {
+                // Congested: streams stalled at the remote hold all of its credit, so
+                // a new stream's data would wait behind them; it goes to another one.
+                if client.is_dead() || client.congested() {
                     return false;
                 }
                 mux::MAX_STREAMS
@@ -376,9 +380,9 @@ impl Dialer {
         let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>, may_grow: bool| {
             let conns = pool.entry(key.clone()).or_default();
             // Dropped from the pool: dead ones, and those no new stream may use (an
-            // older certificate, GOAWAY received); a dropped connection carries its
-            // streams to their end and then closes (h2 and mux alike), instead of
-            // staying open until the remote closes it.
+            // older certificate, a mux connection after GOAWAY); a dropped connection
+            // carries its streams to their end and then closes (h2 and mux alike),
+            // instead of staying open until the remote closes it.
             conns.retain(|c| !c.dead.load(Ordering::Relaxed) && !c.retired(generation));
             let usable: Vec<_> = conns.iter().filter(|c| c.usable(generation)).collect();
             let least_busy = |own: bool| {
@@ -441,6 +445,10 @@ impl Dialer {
     ) -> Result<Result<Arc<Pooled>, TlsStream<TcpStream>>, Error> {
         let tls = self.dial_tls(peer, gw, true).await?;
         let dead = Arc::new(AtomicBool::new(false));
+        let alpn = tls.get_ref().1.alpn_protocol();
+        if alpn == Some(ALPN_MUX) || alpn == Some(ALPN_H2) {
+            set_user_timeout(tls.get_ref().0);
+        }
         if tls.get_ref().1.alpn_protocol() == Some(ALPN_MUX) {
             let (client, driver) = mux::Client::new(tls);
             let driving = Driving::new(dead.clone(), self.metrics.clone());
@@ -717,16 +725,23 @@ async fn read_reason(recv: &mut RecvStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Data sent and not acknowledged for this long, or keepalive probes unanswered for
-/// this long after the last data received, end the connection (TCP_USER_TIMEOUT).
-/// Without it, a peer that vanished without a reset (a dead VM, a load balancer that
-/// dropped its state) kept a pooled tunnel connection, and the streams on it, for the
-/// kernel's retransmission limit, about 15 minutes; with keepalive alone, 2 minutes when
-/// idle. A live peer that only stops reading answers the zero-window probes and is
-/// not affected.
+/// On a pooled (mux or h2) tunnel connection, data sent and not acknowledged for this
+/// long, or keepalive probes unanswered for this long after the last data received,
+/// end the connection (TCP_USER_TIMEOUT). Without it, a peer that vanished without a
+/// reset (a dead VM, a load balancer that dropped its state) kept a pooled connection,
+/// and the streams on it, for the kernel's retransmission limit, about 15 minutes; with
+/// keepalive alone, 2 minutes when idle. Only there: Linux also ends a connection whose
+/// receive window stays closed this long, even while the peer answers the probes, and
+/// only the multiplexer's and h2's readers never stop reading. A local client or
+/// target, or an HTTP/1.1 tunnel (a plain relay), may rightly stop reading for longer.
 pub const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// TCP_NODELAY, keepalive and `USER_TIMEOUT` on a tunnel or client socket.
+/// Sets `USER_TIMEOUT` on a pooled tunnel connection (once its ALPN says mux or h2).
+pub fn set_user_timeout(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
+
+/// TCP_NODELAY and keepalive on a tunnel or client socket.
 pub fn tune(tcp: &TcpStream) {
     tune_socket(socket2::SockRef::from(tcp));
 }
@@ -737,12 +752,11 @@ fn tune_socket(sock: socket2::SockRef<'_>) {
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10));
     let _ = sock.set_tcp_keepalive(&ka);
-    let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
 /// The options of `tune` on a listening socket. On Linux every accepted socket inherits
-/// them (TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT),
-/// which saves five setsockopt calls per accepted connection; see `tune_accepted`.
+/// them (TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL), which saves four
+/// setsockopt calls per accepted connection; see `tune_accepted`.
 pub fn tune_listener(listener: &TcpListener) {
     tune_socket(socket2::SockRef::from(listener));
 }
@@ -885,7 +899,10 @@ mod tests {
         anyhow::ensure!(sock.keepalive()?, "SO_KEEPALIVE not set");
         anyhow::ensure!(sock.tcp_keepalive_time()? == Duration::from_secs(30));
         anyhow::ensure!(sock.tcp_keepalive_interval()? == Duration::from_secs(10));
-        anyhow::ensure!(sock.tcp_user_timeout()? == Some(USER_TIMEOUT));
+        anyhow::ensure!(
+            sock.tcp_user_timeout()?.is_none(),
+            "TCP_USER_TIMEOUT on a socket that may rightly stall"
+        );
         drop(client);
         Ok(())
     }
