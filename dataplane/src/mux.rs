@@ -442,7 +442,7 @@ impl Conn {
     }
 
     /// Takes exactly `n` (at most `MAX_DATA`) bytes of connection credit, waiting for
-    /// them; false if the connection ended first.
+    /// them; false if the connection ended or received GOAWAY first.
     async fn take_credit_exact(&self, n: usize) -> bool {
         loop {
             let wake = self.credit_wake.notified();
@@ -456,7 +456,7 @@ impl Conn {
             if took.is_ok() {
                 return true;
             }
-            if self.dead.load(Ordering::Relaxed) {
+            if self.dead.load(Ordering::Relaxed) || self.going_away.load(Ordering::Relaxed) {
                 return false;
             }
             wake.await;
@@ -649,8 +649,10 @@ impl Conn {
             GOAWAY => {
                 need(!self.server && id == 0 && payload.len() == 4, "bad GOAWAY")?;
                 let last = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                // No new streams; those up to `last` go on.
+                // No new streams; those up to `last` go on. An OPEN waiting for credit
+                // gives up.
                 self.going_away.store(true, Ordering::Relaxed);
+                self.credit_wake.notify_waiters();
                 let unprocessed: Vec<_> = {
                     let mut t = lock(&self.table);
                     let ids: Vec<u32> = t.map.keys().copied().filter(|i| *i > last).collect();
@@ -814,10 +816,13 @@ async fn drive<R: AsyncRead + Unpin>(
         r = reader => r,
         _ = ctrl_writer => Err(Error::Closed),
     };
-    // Control frames still waiting (a draining server's GOAWAY) go out first.
-    if !lock(&conn.ctrl).is_empty() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.send(&[], 0)).await;
-    }
+    // What is still waiting (a draining server's GOAWAY, a cancelled send's rest) goes
+    // out first.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut out = conn.writer.lock().await;
+        conn.send_locked(&mut out, &[]).await
+    })
+    .await;
     conn.close();
     // Let the remote see the end (close_notify) rather than only a dropped socket.
     // Bounded: a stream's task may hold the writer, stuck on a remote that stopped
@@ -918,7 +923,7 @@ impl Client {
         if !early.is_empty() {
             match tokio::time::timeout_at(deadline, conn.take_credit_exact(early.len())).await {
                 Ok(true) => held.n = early.len(),
-                Ok(false) => return Err(OpenError::Unprocessed("connection closed")),
+                Ok(false) => return Err(OpenError::Unprocessed("connection closing")),
                 Err(_) => {
                     conn.going_away.store(true, Ordering::Relaxed);
                     return Err(OpenError::Unprocessed("no connection credit in time"));
@@ -1626,11 +1631,13 @@ mod tests {
 
     type Stalled = Vec<(tokio::net::tcp::OwnedReadHalf, JoinHandle<()>)>;
 
-    /// Opens 5 streams whose target never reads and writes into them until they have
-    /// taken all of the connection's credit.
+    /// Opens 8 streams whose target never reads and writes into them until they have
+    /// taken all of the connection's credit. (With 5, each stream could stall on its
+    /// own 4 MiB window first: up to 1 MiB of it may be written at the server and not
+    /// yet credited back.)
     async fn stall(client: &Client) -> anyhow::Result<Stalled> {
         let mut stalled = Vec::new();
-        for _ in 0..5 {
+        for _ in 0..8 {
             let app = open_local(client, "ok").await?;
             let (r, mut w) = app.into_split();
             let writer = tokio::spawn(async move {

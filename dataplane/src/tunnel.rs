@@ -36,6 +36,12 @@ use crate::tls::{Material, ALPN_H2, ALPN_MUX};
 pub const PROTOCOLS_HEADER: &str = "clusterlink-tunnel-protocols";
 pub const PROTOCOLS_VALUE: &str = "h2, http/1.1";
 
+/// Most pooled connections one worker makes to one gateway because the others are
+/// congested (mux): nothing closes an idle extra one before a rotation, so this bounds
+/// what a burst leaves behind. (At the stream limit a worker makes another one
+/// whatever its number.)
+const MAX_POOLED_PER_WORKER: usize = 4;
+
 /// HTTP/2 flow-control windows: large enough that flow control never stalls a bulk
 /// transfer on loopback (ztunnel uses the same 4 MiB / 16 MiB).
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -145,13 +151,21 @@ impl Pooled {
             }
     }
 
+    /// Streams stalled at the remote hold all of its credit (mux), so that a new
+    /// stream's data would wait behind them: used only when no other connection is
+    /// there or can be made.
+    fn congested(&self) -> bool {
+        match &self.link {
+            Link::H2(_) => false,
+            Link::Mux(client) => client.congested(),
+        }
+    }
+
     fn usable(&self, generation: u64) -> bool {
         let max = match &self.link {
             Link::H2(send) => send.current_max_send_streams(),
             Link::Mux(client) => {
-                // Congested: streams stalled at the remote hold all of its credit, so
-                // a new stream's data would wait behind them; it goes to another one.
-                if client.is_dead() || client.congested() {
+                if client.is_dead() {
                     return false;
                 }
                 mux::MAX_STREAMS
@@ -374,10 +388,12 @@ impl Dialer {
         // Connections are kept per worker (None: not on a worker thread).
         let worker = crate::workers::current();
         // (connection to use, whether another one should be made instead): the
-        // worker's own least busy usable connection; else make one, falling back to
-        // another worker's if that fails; `may_grow` is false while this worker's last
-        // attempt failed (see `growth_failed_until`).
-        let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>, may_grow: bool| {
+        // worker's own least busy usable connection, uncongested ones first; else, or
+        // if that one is congested, make one, falling back to it or to another
+        // worker's if that fails. `may_grow` is false while this worker's last attempt
+        // failed (see `growth_failed_until`) or it has `MAX_POOLED_PER_WORKER`
+        // connections to the gateway already.
+        let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>, may_grow: bool, generation| {
             let conns = pool.entry(key.clone()).or_default();
             // Dropped from the pool: dead ones, and those no new stream may use (an
             // older certificate, a mux connection after GOAWAY); a dropped connection
@@ -389,10 +405,13 @@ impl Dialer {
                 usable
                     .iter()
                     .filter(|c| !own || c.worker == worker)
-                    .min_by_key(|c| c.active.load(Ordering::Relaxed))
+                    .min_by_key(|c| (c.congested(), c.active.load(Ordering::Relaxed)))
                     .map(|c| Arc::clone(c))
             };
+            let own = conns.iter().filter(|c| c.worker == worker).count();
+            let may_grow = may_grow && own < MAX_POOLED_PER_WORKER;
             match least_busy(true) {
+                Some(own) if own.congested() => (Some(own), may_grow),
                 Some(own) => (Some(own), false),
                 None => {
                     let other = least_busy(false);
@@ -402,7 +421,7 @@ impl Dialer {
             }
         };
         // Fast path: a connection to use and no reason to make one.
-        if let (Some(c), false) = pick(&mut lock(&self.pool), true) {
+        if let (Some(c), false) = pick(&mut lock(&self.pool), true, generation) {
             return Ok(Ok(c));
         }
         let gate_key = format!("{key}#{}", worker.map_or(usize::MAX, |w| w));
@@ -415,7 +434,9 @@ impl Dialer {
             .or_default()
             .clone();
         let _gate = gate.lock().await;
-        let fallback = match pick(&mut lock(&self.pool), may_grow) {
+        // A reload while this task waited at the gate: pick and tag with the newest.
+        let generation = self.tls.borrow().generation;
+        let fallback = match pick(&mut lock(&self.pool), may_grow, generation) {
             (Some(c), false) => return Ok(Ok(c)),
             (best, true) => best,
             (None, false) => None,

@@ -452,6 +452,121 @@ async fn failed_pool_growth_falls_back_to_the_working_connection() -> Result<()>
     Ok(())
 }
 
+/// A target that holds every connection whose first byte is `S` without reading it,
+/// and echoes the others.
+async fn stall_or_echo() -> Result<std::net::SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        let mut stalled = Vec::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut first = [0u8; 1];
+            if s.read_exact(&mut first).await.is_err() {
+                continue;
+            }
+            if first[0] == b'S' {
+                stalled.push(s);
+                continue;
+            }
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if w.write_all(&first).await.is_ok() {
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Streams whose target stopped reading fill the exporting gateway's queues until the
+/// pooled multiplexer connection has no credit left; a new stream then goes over a new
+/// pooled connection at once, instead of waiting behind them (before: up to the
+/// response timeout, 10 s, or for good without first bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_congested_tunnel_sends_new_streams_to_another() -> Result<()> {
+    init_logs();
+    let (_dir, files_a, files_b) = two_peer_files("cl-congested")?;
+    let cp_b = FakeControlPlane::start(exporter_snapshot(stall_or_echo().await?))?;
+    let b = dataplane::start(gateway_config(&files_b, cp_b.addr)).await?;
+    let cp_a = FakeControlPlane::start(importer_snapshot(b.gateway_addr))?;
+    cp_a.set_egress(allow_to_b());
+    let mut cfg_a = gateway_config(&files_a, cp_a.addr);
+    cfg_a.workers = Some(1);
+    let a = dataplane::start(cfg_a).await?;
+    wait_ready(&b).await?;
+    wait_ready(&a).await?;
+    let import = a
+        .import_addr(&format!("{NS}/{SERVICE}"))
+        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    ensure!(echo_round_trip(import, b"first").await? == b"first");
+    let handshakes = |m: &str| {
+        metric(
+            m,
+            "clusterlink_tunnel_handshakes_total",
+            &["side=\"client\"", "result=\"ok\""],
+        )
+    };
+    ensure!(handshakes(&metrics_of(&a).await?) == 1.0);
+    // Eight streams with 4 MiB windows against the connection's 16 MiB: up to 1 MiB
+    // of each window may be written at B and not yet credited back, so with five a
+    // connection can stall with every stream out of credit and its own not yet gone.
+    // With eight it runs out; streams opened after that go to a second connection,
+    // which holds at most three and stays uncongested.
+    let mut hogs = Vec::new();
+    for _ in 0..8 {
+        let c = TcpStream::connect(import).await?;
+        hogs.push(tokio::spawn(async move {
+            let (_r, mut w) = c.into_split();
+            let chunk = vec![b'S'; 256 * 1024];
+            while w.write_all(&chunk).await.is_ok() {}
+        }));
+    }
+    // They have stalled when A's bytes toward the target stop growing, well past the
+    // 16 MiB window: A's connection credit is gone.
+    let sent = |m: &str| {
+        metric(
+            m,
+            "clusterlink_bytes_total",
+            &["direction=\"outbound\"", "flow=\"to_target\""],
+        )
+    };
+    let deadline = tokio::time::Instant::now() + T;
+    let (mut last, mut same) = (-1.0, 0);
+    while same < 3 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the streams did not stall"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = sent(&metrics_of(&a).await?);
+        same = if now == last && now > 16.0 * 1048576.0 {
+            same + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    // One try, with half the response timeout: plenty on loopback, too little to wait
+    // for credit on the congested connection and be retried on another.
+    let back = tokio::time::timeout(Duration::from_secs(5), echo_round_trip(import, b"fresh"))
+        .await
+        .map_err(|_| anyhow::anyhow!("the new stream waited behind the congested connection"))??;
+    ensure!(back == b"fresh");
+    let m = metrics_of(&a).await?;
+    ensure!(
+        handshakes(&m) == 2.0,
+        "a second pooled connection expected: {} handshakes, {} sent\n{m}",
+        handshakes(&m),
+        sent(&m)
+    );
+    for h in hogs {
+        h.abort();
+    }
+    Ok(())
+}
+
 /// An import that takes the port of one removed in the same snapshot is bound at once:
 /// the old listener's copies (one per worker) are closed before the new bind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
