@@ -817,12 +817,19 @@ async fn drive<R: AsyncRead + Unpin>(
         _ = ctrl_writer => Err(Error::Closed),
     };
     // What is still waiting (a draining server's GOAWAY, a cancelled send's rest) goes
-    // out first.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let mut out = conn.writer.lock().await;
-        conn.send_locked(&mut out, &[]).await
-    })
-    .await;
+    // out first. (A writer held by a stream's task has nothing of its own waiting.)
+    let pending = !lock(&conn.ctrl).is_empty()
+        || conn
+            .writer
+            .try_lock()
+            .is_ok_and(|out| !out.unsent.is_empty());
+    if pending {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut out = conn.writer.lock().await;
+            conn.send_locked(&mut out, &[]).await
+        })
+        .await;
+    }
     conn.close();
     // Let the remote see the end (close_notify) rather than only a dropped socket.
     // Bounded: a stream's task may hold the writer, stuck on a remote that stopped

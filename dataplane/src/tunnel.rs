@@ -36,10 +36,10 @@ use crate::tls::{Material, ALPN_H2, ALPN_MUX};
 pub const PROTOCOLS_HEADER: &str = "clusterlink-tunnel-protocols";
 pub const PROTOCOLS_VALUE: &str = "h2, http/1.1";
 
-/// Most pooled connections one worker makes to one gateway because the others are
+/// Most pooled connections one worker makes to one gateway because its others are
 /// congested (mux): nothing closes an idle extra one before a rotation, so this bounds
-/// what a burst leaves behind. (At the stream limit a worker makes another one
-/// whatever its number.)
+/// what a burst leaves behind. (Growth for other reasons, such as every connection at
+/// its stream limit, is not counted against it.)
 const MAX_POOLED_PER_WORKER: usize = 4;
 
 /// HTTP/2 flow-control windows: large enough that flow control never stalls a bulk
@@ -153,7 +153,8 @@ impl Pooled {
 
     /// Streams stalled at the remote hold all of its credit (mux), so that a new
     /// stream's data would wait behind them: used only when no other connection is
-    /// there or can be made.
+    /// there or can be made. A stream that then has first bytes to send waits for
+    /// credit up to the response timeout, and is retried on a new connection after.
     fn congested(&self) -> bool {
         match &self.link {
             Link::H2(_) => false,
@@ -408,10 +409,14 @@ impl Dialer {
                     .min_by_key(|c| (c.congested(), c.active.load(Ordering::Relaxed)))
                     .map(|c| Arc::clone(c))
             };
-            let own = conns.iter().filter(|c| c.worker == worker).count();
-            let may_grow = may_grow && own < MAX_POOLED_PER_WORKER;
+            let own_count = conns.iter().filter(|c| c.worker == worker).count();
             match least_busy(true) {
-                Some(own) if own.congested() => (Some(own), may_grow),
+                // Another worker's uncongested connection beats making one; else
+                // make one (up to the cap), falling back to this.
+                Some(own) if own.congested() => match least_busy(false) {
+                    Some(other) if !other.congested() => (Some(other), false),
+                    _ => (Some(own), may_grow && own_count < MAX_POOLED_PER_WORKER),
+                },
                 Some(own) => (Some(own), false),
                 None => {
                     let other = least_busy(false);
@@ -425,15 +430,17 @@ impl Dialer {
             return Ok(Ok(c));
         }
         let gate_key = format!("{key}#{}", worker.map_or(usize::MAX, |w| w));
-        let may_grow = lock(&self.growth_failed_until)
-            .get(&gate_key)
-            .is_none_or(|t| *t <= Instant::now());
         // Per worker, so that workers make their own connections side by side.
         let gate = lock(&self.connecting)
             .entry(gate_key.clone())
             .or_default()
             .clone();
         let _gate = gate.lock().await;
+        // Read behind the gate: a task that waited there sees the failure of the one
+        // before it, and does not dial again.
+        let may_grow = lock(&self.growth_failed_until)
+            .get(&gate_key)
+            .is_none_or(|t| *t <= Instant::now());
         // A reload while this task waited at the gate: pick and tag with the newest.
         let generation = self.tls.borrow().generation;
         let fallback = match pick(&mut lock(&self.pool), may_grow, generation) {

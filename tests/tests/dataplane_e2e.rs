@@ -511,9 +511,8 @@ async fn a_congested_tunnel_sends_new_streams_to_another() -> Result<()> {
     ensure!(handshakes(&metrics_of(&a).await?) == 1.0);
     // Eight streams with 4 MiB windows against the connection's 16 MiB: up to 1 MiB
     // of each window may be written at B and not yet credited back, so with five a
-    // connection can stall with every stream out of credit and its own not yet gone.
-    // With eight it runs out; streams opened after that go to a second connection,
-    // which holds at most three and stays uncongested.
+    // connection can stall with every stream out of credit and its own not yet gone;
+    // with eight it runs out. (Streams opened once it has may go to a second one.)
     let mut hogs = Vec::new();
     for _ in 0..8 {
         let c = TcpStream::connect(import).await?;
@@ -556,8 +555,8 @@ async fn a_congested_tunnel_sends_new_streams_to_another() -> Result<()> {
     ensure!(back == b"fresh");
     let m = metrics_of(&a).await?;
     ensure!(
-        handshakes(&m) == 2.0,
-        "a second pooled connection expected: {} handshakes, {} sent\n{m}",
+        handshakes(&m) >= 2.0,
+        "another pooled connection expected: {} handshakes, {} sent\n{m}",
         handshakes(&m),
         sent(&m)
     );
