@@ -392,6 +392,26 @@ async fn first_connection_only(to: std::net::SocketAddr) -> Result<std::net::Soc
     Ok(addr)
 }
 
+/// Gateway A with `workers` workers, importing the service from the gateway at `gw`
+/// and allowed to reach it: its control plane (keep it), the gateway, and the
+/// import's address.
+async fn importer(
+    files_a: &PeerFiles,
+    gw: std::net::SocketAddr,
+    workers: usize,
+) -> Result<(FakeControlPlane, dataplane::Running, std::net::SocketAddr)> {
+    let cp_a = FakeControlPlane::start(importer_snapshot(gw))?;
+    cp_a.set_egress(allow_to_b());
+    let mut cfg_a = gateway_config(files_a, cp_a.addr);
+    cfg_a.workers = Some(workers);
+    let a = dataplane::start(cfg_a).await?;
+    wait_ready(&a).await?;
+    let import = a
+        .import_addr(&format!("{NS}/{SERVICE}"))
+        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    Ok((cp_a, a, import))
+}
+
 /// When a second pooled connection (to spread concurrent streams) cannot be made, the
 /// stream goes over the busy connection that works, the gateway is not marked failed,
 /// and the next streams do not each try again.
@@ -404,16 +424,8 @@ async fn failed_pool_growth_falls_back_to_the_working_connection() -> Result<()>
     let cp_b = FakeControlPlane::start(exporter_snapshot(target))?;
     let b = dataplane::start(gateway_config(&files_b, cp_b.addr)).await?;
     let once = first_connection_only(b.gateway_addr).await?;
-    let cp_a = FakeControlPlane::start(importer_snapshot(once))?;
-    cp_a.set_egress(allow_to_b());
-    let mut cfg_a = gateway_config(&files_a, cp_a.addr);
-    cfg_a.workers = Some(2);
-    let a = dataplane::start(cfg_a).await?;
     wait_ready(&b).await?;
-    wait_ready(&a).await?;
-    let import = a
-        .import_addr(&format!("{NS}/{SERVICE}"))
-        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    let (_cp_a, a, import) = importer(&files_a, once, 2).await?;
     // Eight streams open at once: the first makes the pooled connection; the first
     // stream on the other worker tries to add one and fails; all must use the first.
     let mut held = Vec::new();
@@ -490,16 +502,8 @@ async fn a_congested_tunnel_sends_new_streams_to_another() -> Result<()> {
     let (_dir, files_a, files_b) = two_peer_files("cl-congested")?;
     let cp_b = FakeControlPlane::start(exporter_snapshot(stall_or_echo().await?))?;
     let b = dataplane::start(gateway_config(&files_b, cp_b.addr)).await?;
-    let cp_a = FakeControlPlane::start(importer_snapshot(b.gateway_addr))?;
-    cp_a.set_egress(allow_to_b());
-    let mut cfg_a = gateway_config(&files_a, cp_a.addr);
-    cfg_a.workers = Some(1);
-    let a = dataplane::start(cfg_a).await?;
     wait_ready(&b).await?;
-    wait_ready(&a).await?;
-    let import = a
-        .import_addr(&format!("{NS}/{SERVICE}"))
-        .ok_or_else(|| anyhow::anyhow!("no import listener"))?;
+    let (_cp_a, a, import) = importer(&files_a, b.gateway_addr, 1).await?;
     ensure!(echo_round_trip(import, b"first").await? == b"first");
     let handshakes = |m: &str| {
         metric(
