@@ -334,6 +334,17 @@ impl Dialer {
         h2: bool,
     ) -> Result<TlsStream<TcpStream>, Error> {
         let material = self.tls.borrow().clone();
+        self.dial_tls_with(material, peer, gw, h2).await
+    }
+
+    /// `dial_tls` with the given certificate material.
+    async fn dial_tls_with(
+        &self,
+        material: Arc<Material>,
+        peer: &Peer,
+        gw: &str,
+        h2: bool,
+    ) -> Result<TlsStream<TcpStream>, Error> {
         let gerr = |reason: String| Error::Gateway {
             gateway: gw.to_owned(),
             reason,
@@ -441,7 +452,7 @@ impl Dialer {
         let may_grow = lock(&self.growth_failed_until)
             .get(&gate_key)
             .is_none_or(|t| *t <= Instant::now());
-        // A reload while this task waited at the gate: pick and tag with the newest.
+        // A reload while this task waited at the gate: pick with the newest.
         let generation = self.tls.borrow().generation;
         let fallback = match pick(&mut lock(&self.pool), may_grow, generation) {
             (Some(c), false) => return Ok(Ok(c)),
@@ -450,7 +461,7 @@ impl Dialer {
         };
         // Growing the pool is an optimisation: if it fails, a busy connection that
         // works still carries the stream, and the gateway is not marked failed.
-        let grown = self.dial_h2(peer, gw, &key, generation).await;
+        let grown = self.dial_h2(peer, gw, &key).await;
         match (grown, fallback) {
             (Err(e), Some(c)) => {
                 tracing::debug!(gateway = %gw, error = %e, "extra pooled connection failed; using a busy one");
@@ -463,15 +474,17 @@ impl Dialer {
     }
 
     /// Dials and handshakes a new pooled h2 connection and adds it to the pool (or
-    /// returns the TLS connection for HTTP/1.1 if the peer does not speak h2).
+    /// returns the TLS connection for HTTP/1.1 if the peer does not speak h2). It is
+    /// tagged with the generation of the certificate it was made with.
     async fn dial_h2(
         &self,
         peer: &Peer,
         gw: &str,
         key: &str,
-        generation: u64,
     ) -> Result<Result<Arc<Pooled>, TlsStream<TcpStream>>, Error> {
-        let tls = self.dial_tls(peer, gw, true).await?;
+        let material = self.tls.borrow().clone();
+        let generation = material.generation;
+        let tls = self.dial_tls_with(material, peer, gw, true).await?;
         let dead = Arc::new(AtomicBool::new(false));
         let alpn = tls.get_ref().1.alpn_protocol();
         if alpn == Some(ALPN_MUX) || alpn == Some(ALPN_H2) {
