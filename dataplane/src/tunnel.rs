@@ -412,6 +412,22 @@ impl Dialer {
             // carries its streams to their end and then closes (h2 and mux alike),
             // instead of staying open until the remote closes it.
             conns.retain(|c| !c.dead.load(Ordering::Relaxed) && !c.retired(generation));
+            // A worker keeps one idle connection to a gateway: extra ones (made for a
+            // burst, for congestion or at the stream limit) leave the pool once idle
+            // while another of its connections can take new streams, and close.
+            let idle = |c: &Pooled| c.active.load(Ordering::Relaxed) == 0;
+            let takes_streams = conns
+                .iter()
+                .any(|c| c.worker == worker && !idle(c) && c.usable(generation) && !c.congested());
+            let mut idle_kept = false;
+            conns.retain(|c| {
+                if c.worker != worker || !idle(c) || !c.usable(generation) {
+                    return true;
+                }
+                let keep = !takes_streams && !idle_kept;
+                idle_kept |= keep;
+                keep
+            });
             let usable: Vec<_> = conns.iter().filter(|c| c.usable(generation)).collect();
             let least_busy = |own: bool| {
                 usable

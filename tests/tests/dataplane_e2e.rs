@@ -517,13 +517,18 @@ async fn a_congested_tunnel_sends_new_streams_to_another() -> Result<()> {
     // of each window may be written at B and not yet credited back, so with five a
     // connection can stall with every stream out of credit and its own not yet gone;
     // with eight it runs out. (Streams opened once it has may go to a second one.)
-    let mut hogs = Vec::new();
+    let (mut hogs, mut hog_conns) = (Vec::new(), Vec::new());
     for _ in 0..8 {
-        let c = TcpStream::connect(import).await?;
+        let c = std::sync::Arc::new(TcpStream::connect(import).await?);
+        hog_conns.push(c.clone());
         hogs.push(tokio::spawn(async move {
-            let (_r, mut w) = c.into_split();
             let chunk = vec![b'S'; 256 * 1024];
-            while w.write_all(&chunk).await.is_ok() {}
+            while c.writable().await.is_ok() {
+                match c.try_write(&chunk) {
+                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => break,
+                    _ => {}
+                }
+            }
         }));
     }
     // They have stalled when A's bytes toward the target stop growing, well past the
@@ -564,9 +569,22 @@ async fn a_congested_tunnel_sends_new_streams_to_another() -> Result<()> {
         handshakes(&m),
         sent(&m)
     );
+    // Once the stalled streams are reset, the extra connections are idle: the next
+    // streams leave one per worker (1 here) and the others close.
     for h in hogs {
         h.abort();
     }
+    for c in hog_conns {
+        // Closed with RST: the stream is reset, not half-closed behind stalled data.
+        dataplane::copy::reset_on_drop(&c);
+    }
+    let a = &a;
+    eventually("the idle extra connections close", T, || async move {
+        let back = echo_round_trip(import, b"later").await.ok()?;
+        let m = metrics_of(a).await.ok()?;
+        (back == b"later" && metric(&m, "clusterlink_tunnels_open", &[]) == 1.0).then_some(())
+    })
+    .await?;
     Ok(())
 }
 
