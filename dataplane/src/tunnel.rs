@@ -37,9 +37,10 @@ pub const PROTOCOLS_HEADER: &str = "clusterlink-tunnel-protocols";
 pub const PROTOCOLS_VALUE: &str = "h2, http/1.1";
 
 /// Most pooled connections one worker makes to one gateway because its others are
-/// congested (mux): nothing closes an idle extra one before a rotation, so this bounds
-/// what a burst leaves behind. (Growth for other reasons, such as every connection at
-/// its stream limit, is not counted against it.)
+/// congested (mux): each new one takes streams that may stall as well, so this bounds
+/// the dialing while a congestion lasts (idle extra ones close afterwards, see
+/// `pick`). Growth for other reasons, such as every connection at its stream limit,
+/// is not held back by it.
 const MAX_POOLED_PER_WORKER: usize = 4;
 
 /// HTTP/2 flow-control windows: large enough that flow control never stalls a bulk
