@@ -401,11 +401,11 @@ impl Dialer {
         // Connections are kept per worker (None: not on a worker thread).
         let worker = crate::workers::current();
         // (connection to use, whether another one should be made instead): the
-        // worker's own least busy usable connection, uncongested ones first; else, or
-        // if that one is congested, make one, falling back to it or to another
-        // worker's if that fails. `may_grow` is false while this worker's last attempt
-        // failed (see `growth_failed_until`) or it has `MAX_POOLED_PER_WORKER`
-        // connections to the gateway already.
+        // worker's own least busy usable connection, uncongested ones first. If that
+        // one is congested: another worker's uncongested one, else make one (up to
+        // `MAX_POOLED_PER_WORKER`), falling back to it. If the worker has none: make
+        // one, falling back to another worker's. `may_grow` is false while this
+        // worker's last attempt failed (see `growth_failed_until`).
         let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>, may_grow: bool, generation| {
             let conns = pool.entry(key.clone()).or_default();
             // Dropped from the pool: dead ones, and those no new stream may use (an
