@@ -353,6 +353,22 @@ impl Conn {
         Ok(())
     }
 
+    /// With `flush`, writes what is waiting (a cancelled send's rest, control frames);
+    /// with `shutdown`, then close_notify and FIN. Bounded to 1 s: a stream's task may
+    /// hold the writer, stuck on a remote that stopped reading.
+    async fn finish(&self, flush: bool, shutdown: bool) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut out = self.writer.lock().await;
+            if flush && self.send_locked(&mut out, &[]).await.is_err() {
+                return;
+            }
+            if shutdown {
+                let _ = out.w.shutdown().await;
+            }
+        })
+        .await;
+    }
+
     fn remove(&self, id: u32) {
         let mut t = lock(&self.table);
         t.map.remove(&id);
@@ -734,13 +750,7 @@ async fn drive<R: AsyncRead + Unpin>(
                     // that stopped reading may never take the close_notify.
                     // What is left to write (a cancelled send's rest, the last
                     // stream's RST) goes out first.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        let mut out = conn.writer.lock().await;
-                        if conn.send_locked(&mut out, &[]).await.is_ok() {
-                            let _ = out.w.shutdown().await;
-                        }
-                    })
-                    .await;
+                    conn.finish(true, true).await;
                     return std::future::pending().await;
                 }
                 if lock(&conn.ctrl).is_empty() {
@@ -824,20 +834,11 @@ async fn drive<R: AsyncRead + Unpin>(
             .try_lock()
             .is_ok_and(|out| !out.unsent.is_empty());
     if pending {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let mut out = conn.writer.lock().await;
-            conn.send_locked(&mut out, &[]).await
-        })
-        .await;
+        conn.finish(true, false).await;
     }
     conn.close();
     // Let the remote see the end (close_notify) rather than only a dropped socket.
-    // Bounded: a stream's task may hold the writer, stuck on a remote that stopped
-    // reading.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        conn.writer.lock().await.w.shutdown().await
-    })
-    .await;
+    conn.finish(false, true).await;
     result
 }
 
@@ -852,12 +853,19 @@ async fn all_left(conn: &Conn) {
 /// connection takes no new streams and ends gracefully after its last one.
 #[derive(Clone)]
 pub struct Client {
-    conn: Arc<Conn>,
-    _handle: Arc<Handle>,
+    conn: Arc<Handle>,
 }
 
-/// Marks the connection unused when the last `Client` clone goes.
+/// The connection, marked unused when the last `Client` clone goes.
 struct Handle(Arc<Conn>);
+
+impl std::ops::Deref for Handle {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        &self.0
+    }
+}
 
 impl Drop for Handle {
     fn drop(&mut self) {
@@ -881,14 +889,8 @@ impl Client {
         let (rd, wr) = tokio::io::split(io);
         let conn = Conn::new(Box::new(wr), false);
         let driver = drive(conn.clone(), rd, None, None);
-        let handle = Arc::new(Handle(conn.clone()));
-        (
-            Client {
-                conn,
-                _handle: handle,
-            },
-            driver,
-        )
+        let conn = Arc::new(Handle(conn));
+        (Client { conn }, driver)
     }
 
     /// True once the connection has ended or is going away: no new streams on it.
@@ -924,7 +926,7 @@ impl Client {
             return Err(OpenError::Unprocessed("connection closing"));
         }
         let deadline = tokio::time::Instant::now() + timeout;
-        let conn = &*self.conn;
+        let conn: &Conn = &self.conn;
         // Connection credit for the first bytes, given back unless they are sent.
         let mut held = Held { conn, n: 0 };
         if !early.is_empty() {
@@ -963,7 +965,7 @@ impl Client {
             slot
         };
         let mut stream = Stream {
-            conn: self.conn.clone(),
+            conn: self.conn.0.clone(),
             slot,
             ended: false,
         };

@@ -504,19 +504,13 @@ impl Dialer {
         let tls = self.dial_tls_with(material, peer, gw, true).await?;
         let dead = Arc::new(AtomicBool::new(false));
         let alpn = tls.get_ref().1.alpn_protocol();
-        if alpn == Some(ALPN_MUX) || alpn == Some(ALPN_H2) {
+        let (is_mux, is_h2) = (alpn == Some(ALPN_MUX), alpn == Some(ALPN_H2));
+        if is_mux || is_h2 {
             set_user_timeout(tls.get_ref().0);
         }
-        if tls.get_ref().1.alpn_protocol() == Some(ALPN_MUX) {
+        if is_mux {
             let (client, driver) = mux::Client::new(tls);
-            let driving = Driving::new(dead.clone(), self.metrics.clone());
-            let gw = gw.to_owned();
-            tokio::spawn(async move {
-                let _driving = driving;
-                if let Err(e) = driver.await {
-                    tracing::debug!(gateway = %gw, error = %e, "pooled tunnel ended");
-                }
-            });
+            self.spawn_driver(&dead, gw, driver);
             return Ok(Ok(self.add_pooled(
                 key,
                 Link::Mux(client),
@@ -524,7 +518,7 @@ impl Dialer {
                 generation,
             )));
         }
-        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+        if !is_h2 {
             // The peer does not speak h2: use this connection for HTTP/1.1 CONNECT.
             lock(&self.h1_peers).insert(peer.name.clone());
             return Ok(Err(tls));
@@ -541,17 +535,26 @@ impl Dialer {
                 gateway: gw.to_owned(),
                 reason: format!("h2 handshake: {e}"),
             })?;
-        {
-            let driving = Driving::new(dead.clone(), self.metrics.clone());
-            let gw = gw.to_owned();
-            tokio::spawn(async move {
-                let _driving = driving;
-                if let Err(e) = conn.await {
-                    tracing::debug!(gateway = %gw, error = %e, "pooled tunnel ended");
-                }
-            });
-        }
+        self.spawn_driver(&dead, gw, conn);
         Ok(Ok(self.add_pooled(key, Link::H2(send), dead, generation)))
+    }
+
+    /// Drives a pooled connection (`driver`) on a task of its own, counted as open
+    /// and `dead` once it ends.
+    fn spawn_driver<E: std::fmt::Display>(
+        &self,
+        dead: &Arc<AtomicBool>,
+        gw: &str,
+        driver: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    ) {
+        let driving = Driving::new(dead.clone(), self.metrics.clone());
+        let gw = gw.to_owned();
+        tokio::spawn(async move {
+            let _driving = driving;
+            if let Err(e) = driver.await {
+                tracing::debug!(gateway = %gw, error = %e, "pooled tunnel ended");
+            }
+        });
     }
 
     fn add_pooled(
