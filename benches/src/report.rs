@@ -564,5 +564,5 @@ fn git_revision() -> Option<String> {
 
 /// Today's date in UTC (the date part of the control plane's RFC 3339 clock).
 fn date_utc() -> String {
-    controlplane::core::now_rfc3339().chars().take(10).collect()
+    fabric::clock::now_rfc3339().chars().take(10).collect()
 }

@@ -1,15 +1,11 @@
-//! Fabric CA and peer certificates (spec 1.1, 1.2, 1.6), with ClusterLink's defects
-//! fixed: ECDSA P-256 by default (RSA-4096 on request), random 128-bit serials, a CA
-//! that cannot sign further CAs (pathlen 0), key usages on peer certificates,
-//! authority key identifiers, a minute of clock-skew slack, and the existing-directory
-//! check made where the files would actually go. Nothing is ever overwritten.
+//! `clusterlink create fabric` and `create peer-cert`: the certificates of
+//! `fabric::certs` written where ClusterLink's layout puts them (spec 1.5), files 0600,
+//! with the existing-directory check made where the files would actually go. Nothing
+//! is ever overwritten.
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use fabric::certs;
 
 use crate::layout;
 
@@ -17,8 +13,11 @@ use crate::layout;
 pub enum Error {
     #[error("{0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
-    #[error("peer name is not a valid DNS name: {0:?}")]
-    BadName(String),
+    #[error("peer name is not a valid DNS name: {name:?} ({reason})")]
+    BadName {
+        name: String,
+        reason: fabric::names::Error,
+    },
     #[error("fabric name {0:?} must be a plain directory name (no '/', not '.' or '..')")]
     BadFabric(String),
     #[error("fabric {fabric:?}: cannot read {path}: {source} (expected the fabric CA as cert.pem and key.pem in {dir}; create it with `clusterlink create fabric --name {fabric}`)")]
@@ -35,12 +34,11 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("certificate generation: {0}")]
-    Rcgen(#[from] rcgen::Error),
-    #[error("RSA key generation: {0}")]
-    Rsa(String),
+    #[error(transparent)]
+    Certs(certs::Error),
 }
 
+/// The `--key-type` flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KeyType {
     #[value(name = "ecdsa-p256")]
@@ -49,63 +47,20 @@ pub enum KeyType {
     Rsa4096,
 }
 
-const VALIDITY_DAYS: i64 = 3650;
+impl From<KeyType> for certs::KeyType {
+    fn from(k: KeyType) -> Self {
+        match k {
+            KeyType::EcdsaP256 => certs::KeyType::EcdsaP256,
+            KeyType::Rsa4096 => certs::KeyType::Rsa4096,
+        }
+    }
+}
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_owned(),
         source,
     }
-}
-
-fn key(kind: KeyType) -> Result<KeyPair, Error> {
-    match kind {
-        KeyType::EcdsaP256 => Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?),
-        KeyType::Rsa4096 => {
-            use rsa::pkcs8::EncodePrivateKey;
-            let k = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 4096)
-                .map_err(|e| Error::Rsa(e.to_string()))?;
-            let der = k.to_pkcs8_der().map_err(|e| Error::Rsa(e.to_string()))?;
-            let der = rustls_pki_types::PrivateKeyDer::Pkcs8(
-                rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec()),
-            );
-            Ok(KeyPair::from_der_and_sign_algo(
-                &der,
-                &rcgen::PKCS_RSA_SHA256,
-            )?)
-        }
-    }
-}
-
-fn serial() -> rcgen::SerialNumber {
-    let mut b: [u8; 16] = rand::random();
-    b[0] &= 0x7f; // positive
-    b[0] |= 0x01; // and of full length
-    rcgen::SerialNumber::from_slice(&b)
-}
-
-fn validity(p: &mut CertificateParams) {
-    let now = rcgen::date_time_ymd(1970, 1, 1)
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-    p.not_before = now - std::time::Duration::from_secs(60);
-    p.not_after = now + std::time::Duration::from_secs(VALIDITY_DAYS as u64 * 86_400);
-}
-
-fn ca_params(name: &str) -> Result<CertificateParams, Error> {
-    let mut p = CertificateParams::new(Vec::<String>::new())?;
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    p.serial_number = Some(serial());
-    validity(&mut p);
-    Ok(p)
 }
 
 /// Creates a directory that must not exist yet (0755), its parent included.
@@ -150,6 +105,13 @@ pub fn write_private(path: &Path, data: &str) -> Result<(), Error> {
     f.write_all(data.as_bytes()).map_err(io(path))
 }
 
+/// Writes a certificate's `cert.pem` and `key.pem` into the new directory `dir`.
+fn write_new(dir: &Path, issued: &certs::Issued) -> Result<(), Error> {
+    create_new_dir(dir)?;
+    write_private(&dir.join("cert.pem"), &issued.chain)?;
+    write_private(&dir.join("key.pem"), &issued.key)
+}
+
 /// `clusterlink create fabric`: `<base>/<fabric>/cert.pem` and `key.pem`.
 pub fn create_fabric(base: &Path, fabric: &str, kind: KeyType) -> Result<PathBuf, Error> {
     if fabric.is_empty() || fabric == "." || fabric == ".." || fabric.contains(['/', '\0']) {
@@ -159,26 +121,9 @@ pub fn create_fabric(base: &Path, fabric: &str, kind: KeyType) -> Result<PathBuf
     if dir.exists() {
         return Err(Error::Exists(dir));
     }
-    let key = key(kind)?;
-    let cert = ca_params(fabric)?.self_signed(&key)?;
-    create_new_dir(&dir)?;
-    write_private(&dir.join("cert.pem"), &cert.pem())?;
-    write_private(&dir.join("key.pem"), &key.serialize_pem())?;
+    let issued = certs::fabric_ca(fabric, kind.into()).map_err(Error::Certs)?;
+    write_new(&dir, &issued)?;
     Ok(dir)
-}
-
-/// RFC 1123 host name (letters, digits, hyphens; dot-separated labels), as a peer
-/// name must be to be the DNS SAN and the TLS server name.
-pub fn valid_peer_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
 }
 
 /// `clusterlink create peer-cert`: the peer's chain (peer, then CA) and key in `out`
@@ -190,9 +135,10 @@ pub fn create_peer_cert(
     out: Option<&Path>,
     kind: KeyType,
 ) -> Result<PathBuf, Error> {
-    if !valid_peer_name(peer) {
-        return Err(Error::BadName(peer.to_owned()));
-    }
+    fabric::names::peer_name(peer).map_err(|reason| Error::BadName {
+        name: peer.to_owned(),
+        reason,
+    })?;
     let out = out
         .map(Path::to_owned)
         .unwrap_or_else(|| layout::peer_dir(base, fabric, peer));
@@ -212,37 +158,17 @@ pub fn create_peer_cert(
     };
     let ca_pem = read("cert.pem")?;
     let ca_key_pem = read("key.pem")?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| Error::BadCa {
-        path: fdir.join("key.pem"),
-        message: e.to_string(),
+    let issued = certs::peer(&ca_pem, &ca_key_pem, peer, kind.into()).map_err(|e| match e {
+        certs::Error::BadCaKey(message) => Error::BadCa {
+            path: fdir.join("key.pem"),
+            message,
+        },
+        certs::Error::BadCaCert(message) => Error::BadCa {
+            path: fdir.join("cert.pem"),
+            message,
+        },
+        e => Error::Certs(e),
     })?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(|e| Error::BadCa {
-        path: fdir.join("cert.pem"),
-        message: e.to_string(),
-    })?;
-
-    let key = key(kind)?;
-    let mut p = CertificateParams::new(vec![peer.to_owned()])?;
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, peer);
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = match kind {
-        KeyType::EcdsaP256 => vec![KeyUsagePurpose::DigitalSignature],
-        KeyType::Rsa4096 => vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ],
-    };
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    p.use_authority_key_identifier_extension = true;
-    p.serial_number = Some(serial());
-    validity(&mut p);
-    let cert = p.signed_by(&key, &issuer)?;
-    create_new_dir(&out)?;
-    write_private(&out.join("cert.pem"), &format!("{}{}", cert.pem(), ca_pem))?;
-    write_private(&out.join("key.pem"), &key.serialize_pem())?;
+    write_new(&out, &issued)?;
     Ok(out)
 }

@@ -24,16 +24,9 @@ pub struct Options {
     pub drain_timeout: f64,
 }
 
-/// How to start a component: its binary next to this executable or on PATH, else
-/// this executable itself in embedded mode.
+/// How to start a component: its binary next to this executable or on PATH.
 pub fn component(name: &str) -> Result<Command> {
-    if let Ok(p) = find_binary(name) {
-        return Ok(Command::new(p));
-    }
-    let me = std::env::current_exe().context("locating clusterlink itself")?;
-    let mut c = Command::new(me);
-    c.arg(format!("__{name}"));
-    Ok(c)
+    Ok(Command::new(find_binary(name)?))
 }
 
 /// A component binary: next to this executable, else on PATH.
@@ -55,7 +48,7 @@ pub fn find_binary(name: &str) -> Result<PathBuf> {
             }
         }
     }
-    bail!("{name} not found next to clusterlink or on PATH (build it: cargo build --release -p dataplane -p controlplane)")
+    bail!("{name} not found next to clusterlink or on PATH (build both: cargo build --release -p dataplane -p controlplane)")
 }
 
 fn free_port() -> Result<u16> {

@@ -179,27 +179,7 @@ struct Get {
     output: resources::Output,
 }
 
-/// Hidden first arguments that make `clusterlink` run a component in-process, used
-/// when the component binary is not installed next to it (e.g. `cargo run -p cli`).
-pub const EMBEDDED_CONTROLPLANE: &str = "__cl-controlplane";
-pub const EMBEDDED_DATAPLANE: &str = "__cl-dataplane";
-
 fn main() -> std::process::ExitCode {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let embedded = match args.get(1).and_then(|a| a.to_str()) {
-        Some(EMBEDDED_CONTROLPLANE) => Some(controlplane::process::main_with(args[1..].to_vec())),
-        Some(EMBEDDED_DATAPLANE) => Some(controlplane::dataplane_main_with(args[1..].to_vec())),
-        _ => None,
-    };
-    if let Some(result) = embedded {
-        return match result {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("Error: {e:#}");
-                std::process::ExitCode::FAILURE
-            }
-        };
-    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

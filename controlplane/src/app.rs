@@ -24,7 +24,7 @@ use crate::store::{DirSource, Source};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Tls(#[from] dataplane::tls::Error),
+    Tls(#[from] fabric::identity::Error),
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -161,8 +161,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         path: config.resources_dir.clone(),
         source,
     })?;
-    let tls = dataplane::tls::watch_files(
-        dataplane::tls::CertPaths {
+    let tls = fabric::identity::watch_files(
+        fabric::identity::CertPaths {
             ca: config.ca_file.clone(),
             cert: config.cert_file.clone(),
             key: config.key_file.clone(),
@@ -224,7 +224,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             loop {
                 tokio::select! {
                     c = desired.changed() => if c.is_err() { return },
-                    _ = dataplane::app::stopped(&mut stop_rx) => return,
+                    _ = fabric::sync::stopped(&mut stop_rx) => return,
                 }
                 let d = desired.borrow_and_update().clone();
                 core.apply(d);

@@ -15,9 +15,14 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
 use controlplane_api::v1;
+use fabric::names::host_port;
+use fabric::sync::lock;
+use fabric::wire::{
+    AUTHZ_PATH, HEALTHZ_PATH, PEER_LABELS_HEADER, TOKEN_EXPIRES_HEADER, TOKEN_HEADER,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::core::{host_port, lock, Core};
+use crate::core::Core;
 use crate::lb;
 use crate::pdp;
 use crate::peerclient::PeerClient;
@@ -31,9 +36,6 @@ pub const TOKEN_TTL_SECS: u64 = 60;
 const TOKEN_MARGIN_SECS: u64 = 5;
 /// Assumed lifetime of a token from a peer that does not say (ClusterLink: 5 s).
 const DEFAULT_REMOTE_TTL_SECS: u64 = 5;
-/// Header on our `/authz` answers with the token's expiry (Unix seconds).
-pub const TOKEN_EXPIRES_HEADER: &str = "x-access-token-expires";
-pub const PEER_LABELS_HEADER: &str = "ClusterLinkPeerLabels";
 
 /// Body of `POST /authz` (Go field names, no JSON tags, as ClusterLink sends it).
 #[derive(Debug, Serialize, Deserialize)]
@@ -232,7 +234,7 @@ impl Authz {
                 source.peer,
                 serde_json::to_string(&src).unwrap_or_default()
             );
-            let now = dataplane::token::now_unix();
+            let now = fabric::clock::unix_secs();
             if let Some(c) = lock(&self.cache)
                 .get(&cache_key)
                 .filter(|c| c.expires > now + TOKEN_MARGIN_SECS)
@@ -249,7 +251,13 @@ impl Authz {
             let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
             match self
                 .client
-                .call(&source.peer, &gateways, http::Method::POST, "/authz", body)
+                .call(
+                    &source.peer,
+                    &gateways,
+                    http::Method::POST,
+                    AUTHZ_PATH,
+                    body,
+                )
                 .await
             {
                 Ok(resp) => {
@@ -258,7 +266,7 @@ impl Authz {
                         .inc();
                     let Some(token) = resp
                         .headers
-                        .get("x-access-token")
+                        .get(TOKEN_HEADER)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned)
                     else {
@@ -293,7 +301,7 @@ impl Authz {
     /// Answers a request a remote peer made on our gateway.
     pub fn peer_request(&self, local: &str, req: v1::PeerHttpRequest) -> v1::PeerHttpResponse {
         match (req.method.as_str(), req.path.as_str()) {
-            ("GET", "/healthz") => {
+            ("GET", HEALTHZ_PATH) => {
                 let labels = if self.core.local_labels.is_empty() {
                     "null".to_owned()
                 } else {
@@ -308,7 +316,7 @@ impl Authz {
                     body: Vec::new(),
                 }
             }
-            ("POST", "/authz") => self.ingress(local, &req),
+            ("POST", AUTHZ_PATH) => self.ingress(local, &req),
             _ => text(404, format!("no route for {} {}", req.method, req.path)),
         }
     }
@@ -365,10 +373,10 @@ impl Authz {
             tracing::info!(peer = identity, export = %format!("{ns}/{name}"), policy = %decision.policy, "ingress denied");
             return text(403, format!("Permission denied for '{ns}/{name}'."));
         }
-        let expires = dataplane::token::now_unix() + TOKEN_TTL_SECS;
-        let token = dataplane::token::mint(
+        let expires = fabric::clock::unix_secs() + TOKEN_TTL_SECS;
+        let token = fabric::token::mint(
             self.core.token_key(),
-            &dataplane::token::Claims {
+            &fabric::token::Claims {
                 sub: identity.to_owned(),
                 export_namespace: ns.to_owned(),
                 export_name: name.to_owned(),
@@ -380,7 +388,7 @@ impl Authz {
             status: 200,
             headers: vec![
                 v1::Header {
-                    name: "x-access-token".into(),
+                    name: TOKEN_HEADER.into(),
                     value: token.into_bytes(),
                 },
                 v1::Header {

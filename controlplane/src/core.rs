@@ -12,14 +12,13 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::pdp::Pdp;
+use fabric::clock::now_rfc3339;
+use fabric::names::host_port;
+
 use crate::resources::{Key, Kind, Resource};
 use crate::store::{Desired, SourceError};
 
-/// Locks a mutex whose short critical sections cannot leave it inconsistent, so a
-/// poisoned lock is still usable.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use fabric::sync::lock;
 
 /// A Kubernetes-style condition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -41,32 +40,6 @@ pub struct PeerHealth {
     pub since: String,
     pub labels: Option<BTreeMap<String, String>>,
     pub protocol: i32,
-}
-
-/// RFC 3339 UTC time, whole seconds, as Kubernetes writes `lastTransitionTime`.
-pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[derive(Default)]
@@ -308,14 +281,6 @@ impl Core {
             .cloned()
             .collect();
         keys.iter().filter_map(|k| self.object(k)).collect()
-    }
-}
-
-pub fn host_port(host: &str, port: u16) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
     }
 }
 

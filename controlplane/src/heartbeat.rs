@@ -16,7 +16,11 @@ use bytes::Bytes;
 use controlplane_api::v1;
 use tokio::task::JoinHandle;
 
-use crate::core::{host_port, now_rfc3339, Core, PeerHealth};
+use fabric::clock::now_rfc3339;
+use fabric::names::host_port;
+use fabric::wire::{HEALTHZ_PATH, PEER_LABELS_HEADER};
+
+use crate::core::{Core, PeerHealth};
 use crate::peerclient::{PeerClient, Response};
 use crate::resources::{Kind, Resource};
 
@@ -29,7 +33,7 @@ pub const FAILURES_TO_UNREACHABLE: u32 = 5;
 pub fn parse_labels(resp: &Response) -> Result<Option<BTreeMap<String, String>>, String> {
     let raw = resp
         .headers
-        .get(crate::authz::PEER_LABELS_HEADER)
+        .get(PEER_LABELS_HEADER)
         .ok_or("no ClusterLinkPeerLabels header")?;
     let json = B64
         .decode(raw.as_bytes())
@@ -41,7 +45,7 @@ pub fn parse_labels(resp: &Response) -> Result<Option<BTreeMap<String, String>>,
 fn protocol_of(resp: &Response) -> i32 {
     let h2 = resp
         .headers
-        .get(dataplane::tunnel::PROTOCOLS_HEADER)
+        .get(fabric::wire::PROTOCOLS_HEADER)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|p| p.trim() == "h2"));
     if h2 {
@@ -63,7 +67,7 @@ async fn monitor(core: Arc<Core>, client: PeerClient, peer: String, gateways: Ve
                 &peer,
                 &gateways,
                 http::Method::GET,
-                "/healthz",
+                HEALTHZ_PATH,
                 Bytes::new(),
             )
             .await;

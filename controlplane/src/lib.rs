@@ -15,6 +15,3 @@ pub mod server;
 pub mod store;
 
 pub use app::{start, Config, Running};
-
-/// The data plane's process entry, re-exported for `clusterlink`'s embedded mode.
-pub use dataplane::process::main_with as dataplane_main_with;

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
-use dataplane::tls::Material;
+use fabric::identity::Material;
 
 /// Largest response body read from a peer.
 const MAX_BODY: usize = 64 * 1024;

@@ -23,13 +23,13 @@ use tokio_stream::Stream;
 use crate::authz::Authz;
 use crate::core::Core;
 use crate::resources::{Key, Kind, DEFAULT_NAMESPACE};
-use dataplane::admin::reply;
+use fabric::admin::reply;
 
 /// What the gRPC services and the admin port share.
 pub struct Services {
     pub core: Arc<Core>,
     pub authz: Arc<Authz>,
-    pub tls: watch::Receiver<Arc<dataplane::tls::Material>>,
+    pub tls: watch::Receiver<Arc<fabric::identity::Material>>,
     pub ready: AtomicBool,
     pub metrics: Metrics,
 }
@@ -237,7 +237,7 @@ pub async fn serve_admin(
     services: Arc<Services>,
     stop: watch::Receiver<bool>,
 ) {
-    dataplane::admin::serve_http(listener, stop, move |req| admin(req, services.clone())).await
+    fabric::admin::serve_http(listener, stop, move |req| admin(req, services.clone())).await
 }
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {

@@ -1,94 +1,71 @@
 //! The admin port (plain HTTP, loopback by default): `/metrics` (Prometheus text),
 //! `/ready` (200 only when certificates are loaded, the first snapshot is applied and
 //! every listener is bound, and not draining), `/live`, and `/config_dump` (the flags
-//! and the snapshot in force, without secrets).
+//! and the snapshot in force, without secrets). It only reads what it reports.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use fabric::admin::{reply, serve_http};
+use fabric::identity::Material;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::Shared;
+use crate::metrics::Metrics;
+use crate::outbound::Imports;
+use crate::snapshot::Store;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+/// What the admin port reports.
+pub struct State {
+    /// The flags, as `/config_dump` shows them.
+    pub config: serde_json::Value,
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<Store>,
+    pub tls: watch::Receiver<Arc<Material>>,
+    pub imports: Arc<Imports>,
+    /// Set by `app`: the first snapshot is applied, every listener bound, not draining.
+    pub ready: AtomicBool,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<State>, stop: watch::Receiver<bool>) {
     // The admin port outlives the drain so /ready can be watched turning false; it
     // stops only when the app is torn down.
-    serve_http(listener, stop, move |req| handle(req, shared.clone())).await
-}
-
-/// A small plain HTTP/1.1 server for admin endpoints: one task per connection, a
-/// header read timeout, until `stop` turns true. Shared with the control plane.
-pub async fn serve_http<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
-{
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = crate::app::stopped(&mut stop) => return,
-        };
-        let Ok((tcp, _)) = accepted else { continue };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(handler);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(5))
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
-}
-
-/// A complete response with a content type.
-pub fn reply(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, content_type)
-        .body(Full::new(body.into()))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    serve_http(listener, stop, move |req| handle(req, state.clone())).await
 }
 
 async fn handle(
     req: Request<Incoming>,
-    shared: Arc<Shared>,
+    state: Arc<State>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match req.uri().path() {
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            shared.metrics.encode(),
+            state.metrics.encode(),
         ),
         "/live" => reply(StatusCode::OK, "text/plain", "live\n"),
         "/ready" => {
-            if shared.ready.load(Ordering::Relaxed) {
+            if state.ready.load(Ordering::Relaxed) {
                 reply(StatusCode::OK, "text/plain", "ready\n")
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
         "/config_dump" => {
-            let snap = shared.store.load();
-            let material = shared.tls.borrow().clone();
+            let snap = state.store.load();
+            let material = state.tls.borrow().clone();
             let dump = serde_json::json!({
-                "config": &*shared.config,
+                "config": &state.config,
                 "identity": material.identity,
                 "certificate_generation": material.generation,
                 "certificate_not_after": material.not_after,
                 "snapshot": &*snap,
-                "import_listeners": shared.imports.addrs(),
+                "import_listeners": state.imports.addrs(),
             });
             reply(
                 StatusCode::OK,

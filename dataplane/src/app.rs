@@ -4,30 +4,33 @@
 //! import listeners and the admin port. Drain: readiness turns false, accepting stops,
 //! h2 connections get GOAWAY, in-flight streams get the drain timeout, the rest are
 //! force-closed.
+//! It only wires: each part gets the narrow context it needs (`inbound::Context`,
+//! `outbound::Context`, `admin::State`), and no part reaches back up here.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fabric::identity::{self, CertPaths};
+use fabric::sync::stopped;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
-use crate::copy::End;
 use crate::cpclient::ControlPlane;
+use crate::drain::Tracker;
 use crate::metrics::Metrics;
 use crate::outbound::Imports;
 use crate::snapshot::Store;
-use crate::tls::{CertPaths, Material};
 use crate::tunnel::Dialer;
 use crate::workers::{self, Workers};
-use crate::{admin, cpclient, inbound, tls};
+use crate::{admin, cpclient, inbound, outbound, sockopt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Tls(#[from] tls::Error),
+    Tls(#[from] identity::Error),
     #[error(transparent)]
     ControlPlane(#[from] cpclient::Error),
     #[error(transparent)]
@@ -109,89 +112,13 @@ impl Config {
     }
 }
 
-/// Counts in-flight tunnelled connections for the drain, and force-closes the ones
-/// left when the drain times out.
-pub struct Tracker {
-    count: AtomicUsize,
-    idle: Notify,
-    force: watch::Sender<bool>,
-}
-
-impl Default for Tracker {
-    fn default() -> Self {
-        Tracker {
-            count: AtomicUsize::new(0),
-            idle: Notify::new(),
-            force: watch::channel(false).0,
-        }
-    }
-}
-
-pub struct TrackGuard(Arc<Tracker>);
-
-impl Tracker {
-    pub fn track(self: &Arc<Self>) -> TrackGuard {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        TrackGuard(self.clone())
-    }
-
-    /// Runs a relay until it ends or the drain force-closes it.
-    pub async fn run(&self, relay: impl std::future::Future<Output = End>) -> End {
-        let mut force = self.force.subscribe();
-        tokio::select! {
-            end = relay => end,
-            _ = stopped(&mut force) => End::Drained,
-        }
-    }
-
-    pub fn active(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    async fn wait_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.active() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for TrackGuard {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
-/// What the connection handlers share.
-pub struct Shared {
-    pub config: Arc<Config>,
-    pub store: Arc<Store>,
-    pub metrics: Arc<Metrics>,
-    pub cp: ControlPlane,
-    pub tls: watch::Receiver<Arc<Material>>,
-    pub tracker: Arc<Tracker>,
-    pub imports: Imports,
-    pub connect_timeout: Duration,
-    pub handshake_timeout: Duration,
-    pub ready: AtomicBool,
-    /// Last allowed egress answer per (import, client IP): reused while the snapshot it
-    /// was given under is in force (single-source imports), and as last-known-good
-    /// while the control plane is unreachable, until the answer's token expires.
-    pub egress_cache: crate::outbound::EgressCache,
-    /// The threads connections run on.
-    pub workers: Arc<Workers>,
-}
-
 /// A started gateway.
 pub struct Running {
     pub gateway_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub shared: Arc<Shared>,
+    state: Arc<admin::State>,
+    tracker: Arc<Tracker>,
+    workers: Arc<Workers>,
     drain: watch::Sender<bool>,
     halt: watch::Sender<bool>,
 }
@@ -199,35 +126,30 @@ pub struct Running {
 impl Running {
     /// Bound address of an import listener ("namespace/name").
     pub fn import_addr(&self, key: &str) -> Option<SocketAddr> {
-        self.shared.imports.addrs().get(key).copied()
+        self.state.imports.addrs().get(key).copied()
     }
 
     /// Drains: readiness false, stop accepting, GOAWAY, wait up to `timeout` for
     /// in-flight streams, then stop everything (remaining streams are force-closed
     /// when the runtime or their tasks go away).
     pub async fn shutdown(self, timeout: Duration) {
-        self.shared.ready.store(false, Ordering::Relaxed);
-        self.shared.imports.close_all();
+        self.state.ready.store(false, Ordering::Relaxed);
+        self.state.imports.close_all();
         let _ = self.drain.send(true);
-        let active = self.shared.tracker.active();
+        let active = self.tracker.active();
         tracing::info!(active, "draining");
-        if tokio::time::timeout(timeout, self.shared.tracker.wait_idle())
+        if tokio::time::timeout(timeout, self.tracker.wait_idle())
             .await
             .is_err()
         {
             tracing::warn!(
-                active = self.shared.tracker.active(),
+                active = self.tracker.active(),
                 "drain timeout; closing the remaining streams"
             );
         }
-        self.shared.tracker.force.send_replace(true);
+        self.tracker.force_close();
         let _ = self.halt.send(true);
-        if !self
-            .shared
-            .workers
-            .wait_exited(Duration::from_secs(2))
-            .await
-        {
+        if !self.workers.wait_exited(Duration::from_secs(2)).await {
             tracing::warn!("worker threads did not stop in time");
         }
     }
@@ -252,7 +174,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error
 pub async fn start(config: Config) -> Result<Running, Error> {
     let metrics = Arc::new(Metrics::new());
     let m = metrics.clone();
-    let tls = tls::watch_files(
+    let tls = identity::watch_files(
         config.cert_paths(),
         Duration::from_millis(config.cert_reload_ms.max(10)),
         Box::new(move |r| match r {
@@ -274,46 +196,60 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         halt_rx.clone(),
     )?;
     let gateway = bind("gateway port", config.gateway_addr).await?;
-    crate::tunnel::tune_listener(&gateway);
+    sockopt::tune_listener(&gateway);
     let admin = bind("admin port", config.admin_addr).await?;
     let gateway_addr = gateway.local_addr().unwrap_or(config.gateway_addr);
     let admin_addr = admin.local_addr().unwrap_or(config.admin_addr);
     let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
     let store = Arc::new(Store::new());
-    let config_handshake_ms = config.handshake_timeout_ms;
     let (drain, drain_rx) = watch::channel(false);
     let gateway = gateway.into_std().map_err(|source| Error::Bind {
         what: "gateway port",
         addr: gateway_addr,
         source,
     })?;
-    let shared = Arc::new(Shared {
-        imports: Imports::new(config.import_bind),
-        config: Arc::new(config),
-        store: store.clone(),
-        metrics: metrics.clone(),
-        cp: cp.clone(),
-        tls: tls.clone(),
-        tracker: Arc::new(Tracker::default()),
-        connect_timeout,
-        handshake_timeout: Duration::from_millis(config_handshake_ms.max(1)),
-        ready: AtomicBool::new(false),
-        egress_cache: Default::default(),
-        workers: workers.clone(),
-    });
+    let tracker = Arc::new(Tracker::default());
+    let identity = tls.borrow().identity.clone();
+    tracing::info!(config = ?config, %identity, "starting cl-dataplane");
+
     let mut dialer = Dialer::new(
-        tls,
+        tls.clone(),
         metrics.clone(),
         connect_timeout,
-        shared.config.force_http1,
+        config.force_http1,
     );
-    if shared.config.no_mux {
+    if config.no_mux {
         dialer = dialer.without_mux();
     }
     let dialer = Arc::new(dialer);
-    tracing::info!(config = ?shared.config, identity = %shared.tls.borrow().identity, "starting cl-dataplane");
+    let inbound = Arc::new(inbound::Context {
+        tls: tls.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        cp: cp.clone(),
+        tracker: tracker.clone(),
+        workers: workers.clone(),
+        handshake_timeout: Duration::from_millis(config.handshake_timeout_ms.max(1)),
+        connect_timeout,
+    });
+    let outbound = Arc::new(outbound::Context {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        cp: cp.clone(),
+        tracker: tracker.clone(),
+        workers: workers.clone(),
+        egress_cache: Default::default(),
+    });
+    let state = Arc::new(admin::State {
+        config: serde_json::to_value(&config).unwrap_or_default(),
+        metrics: metrics.clone(),
+        store: store.clone(),
+        tls,
+        imports: Arc::new(Imports::new(config.import_bind)),
+        ready: AtomicBool::new(false),
+    });
 
-    let id = format!("{}-{}", shared.tls.borrow().identity, std::process::id());
+    let id = format!("{identity}-{}", std::process::id());
     tokio::spawn(cp.follow(id, store.clone(), metrics, halt_rx.clone()));
     // Each accepting worker has its own descriptor of the one listening socket.
     let copies = workers
@@ -327,13 +263,13 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     for (index, listener) in copies.into_iter().enumerate() {
         workers.spawn_on(
             index,
-            inbound::serve(listener, index, shared.clone(), drain_rx.clone()),
+            inbound::serve(listener, index, inbound.clone(), drain_rx.clone()),
         );
     }
-    tokio::spawn(admin::serve(admin, shared.clone(), halt_rx.clone()));
+    tokio::spawn(admin::serve(admin, state.clone(), halt_rx.clone()));
     // Import listeners follow the snapshot.
     {
-        let shared = shared.clone();
+        let state = state.clone();
         let mut changes = store.subscribe();
         let mut drain_rx = drain_rx.clone();
         tokio::spawn(async move {
@@ -345,11 +281,11 @@ pub async fn start(config: Config) -> Result<Running, Error> {
                     }
                 }
                 changes.borrow_and_update();
-                let bound = shared.imports.reconcile(&shared, &dialer, &drain_rx).await;
+                let bound = state.imports.reconcile(&outbound, &dialer, &drain_rx).await;
                 if *drain_rx.borrow() {
                     return;
                 }
-                shared.ready.store(bound, Ordering::Relaxed);
+                state.ready.store(bound, Ordering::Relaxed);
                 tokio::select! {
                     c = changes.changed() => if c.is_err() { return },
                     _ = stopped(&mut drain_rx) => return,
@@ -360,13 +296,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     Ok(Running {
         gateway_addr,
         admin_addr,
-        shared,
+        state,
+        tracker,
+        workers,
         drain,
         halt,
     })
-}
-
-/// Resolves once `rx` holds true (or its sender is gone).
-pub async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }

@@ -135,7 +135,7 @@ impl ControlPlane {
             };
             let result = tokio::select! {
                 r = run => r,
-                _ = crate::app::stopped(&mut stop) => return,
+                _ = fabric::sync::stopped(&mut stop) => return,
             };
             metrics.cp_connected.set(0);
             match result {
@@ -146,7 +146,7 @@ impl ControlPlane {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = crate::app::stopped(&mut stop) => return,
+                _ = fabric::sync::stopped(&mut stop) => return,
             }
             backoff = (backoff.mul_f32(1.6)).min(Duration::from_secs(2));
         }

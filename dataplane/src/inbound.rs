@@ -19,19 +19,39 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::app::Shared;
 use crate::copy::{self, Counters};
-use crate::metrics::ConnGuard;
+use crate::cpclient::ControlPlane;
+use crate::drain::Tracker;
+use crate::metrics::{ConnGuard, Metrics};
 use crate::mux;
-use crate::tls::{remote_identity, ALPN_H2, ALPN_MUX};
-use crate::token;
-use crate::tunnel::{self, PROTOCOLS_HEADER, PROTOCOLS_VALUE};
-use crate::workers::Port;
+use crate::snapshot::Store;
+use crate::workers::{Port, Workers};
+use crate::{h2conf, sockopt};
+use fabric::identity::{remote_identity, Material};
+use fabric::token;
+use fabric::wire::{ALPN_H2, ALPN_MUX, PROTOCOLS_HEADER, PROTOCOLS_VALUE};
 
 /// Largest request head accepted (both HTTP versions).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest peer-request body (ClusterLink's Envoy limit).
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// What the gateway port's connections use, and nothing else.
+pub struct Context {
+    /// Certificates for new handshakes; live connections keep theirs.
+    pub tls: watch::Receiver<Arc<Material>>,
+    /// The snapshot in force: token key, policy epoch, exports.
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    /// Where peer requests (`/healthz`, `/authz`) go.
+    pub cp: ControlPlane,
+    pub tracker: Arc<Tracker>,
+    pub workers: Arc<Workers>,
+    /// For the TLS handshake, and then for a complete request head.
+    pub handshake_timeout: Duration,
+    /// For connecting to an export's target.
+    pub connect_timeout: Duration,
+}
 
 /// Accepts gateway connections on worker `index` until `stop` turns true. A
 /// connection goes to another worker when that one carries fewer gateway connections
@@ -39,7 +59,7 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub async fn serve(
     listener: std::net::TcpListener,
     index: usize,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     mut stop: watch::Receiver<bool>,
 ) {
     let listener = match TcpListener::from_std(listener) {
@@ -52,14 +72,14 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = crate::app::stopped(&mut stop) => return,
+            _ = fabric::sync::stopped(&mut stop) => return,
         };
         match accepted {
             Ok((tcp, _)) => {
-                let (shared, stop) = (shared.clone(), stop.clone());
-                let workers = shared.workers.clone();
+                let (ctx, stop) = (ctx.clone(), stop.clone());
+                let workers = ctx.workers.clone();
                 workers.dispatch(Port::Gateway, index, tcp, move |tcp, load| {
-                    connection(tcp, shared, stop, load)
+                    connection(tcp, ctx, stop, load)
                 });
             }
             Err(e) => {
@@ -73,51 +93,45 @@ pub async fn serve(
 
 async fn connection(
     tcp: TcpStream,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     stop: watch::Receiver<bool>,
     _load: crate::workers::LoadGuard,
 ) {
-    tunnel::tune_accepted(&tcp);
-    let material = shared.tls.borrow().clone();
+    sockopt::tune_accepted(&tcp);
+    let material = ctx.tls.borrow().clone();
     let acceptor = TlsAcceptor::from(material.server.clone());
-    let tls = match tokio::time::timeout(shared.handshake_timeout, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "gateway TLS handshake failed");
-            shared
-                .metrics
+            ctx.metrics
                 .handshakes
                 .with_label_values(&["server", "error"])
                 .inc();
-            shared
-                .metrics
+            ctx.metrics
                 .rejected
                 .with_label_values(&["tls_handshake"])
                 .inc();
             return;
         }
         Err(_) => {
-            shared
-                .metrics
+            ctx.metrics
                 .handshakes
                 .with_label_values(&["server", "error"])
                 .inc();
-            shared
-                .metrics
+            ctx.metrics
                 .rejected
                 .with_label_values(&["handshake_timeout"])
                 .inc();
             return;
         }
     };
-    shared
-        .metrics
+    ctx.metrics
         .handshakes
         .with_label_values(&["server", "ok"])
         .inc();
     let Some(identity) = remote_identity(tls.get_ref().1.peer_certificates()) else {
-        shared
-            .metrics
+        ctx.metrics
             .rejected
             .with_label_values(&["no_identity"])
             .inc();
@@ -126,36 +140,30 @@ async fn connection(
     let identity: Arc<str> = identity.into();
     let alpn = tls.get_ref().1.alpn_protocol();
     if alpn == Some(ALPN_MUX) || alpn == Some(ALPN_H2) {
-        tunnel::set_user_timeout(tls.get_ref().0);
+        sockopt::set_user_timeout(tls.get_ref().0);
     }
     if alpn == Some(ALPN_MUX) {
-        serve_mux(tls, identity, shared, stop).await;
+        serve_mux(tls, identity, ctx, stop).await;
     } else if alpn == Some(ALPN_H2) {
-        serve_h2(tls, identity, shared, stop).await;
+        serve_h2(tls, identity, ctx, stop).await;
     } else {
-        serve_h1(tls, identity, shared, stop).await;
+        serve_h1(tls, identity, ctx, stop).await;
     }
 }
 
 async fn serve_h2(
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     identity: Arc<str>,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let handshake = h2::server::Builder::new()
-        .initial_window_size(tunnel::STREAM_WINDOW)
-        .initial_connection_window_size(tunnel::CONN_WINDOW)
-        .max_frame_size(tunnel::MAX_FRAME)
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_send_buffer_size(tunnel::SEND_BUFFER)
-        .max_concurrent_streams(1000)
-        .handshake::<_, Bytes>(tls);
-    let mut conn = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+    let mut builder = h2conf::server();
+    builder.max_header_list_size(MAX_HEADER_BYTES as u32);
+    let handshake = builder.handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(ctx.handshake_timeout, handshake).await {
         Ok(Ok(c)) => c,
         _ => {
-            shared
-                .metrics
+            ctx.metrics
                 .rejected
                 .with_label_values(&["h2_preface"])
                 .inc();
@@ -166,7 +174,7 @@ async fn serve_h2(
     loop {
         let next = tokio::select! {
             n = conn.accept() => n,
-            _ = crate::app::stopped(&mut stop), if !draining => {
+            _ = fabric::sync::stopped(&mut stop), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
                 continue;
@@ -174,14 +182,13 @@ async fn serve_h2(
         };
         match next {
             Some(Ok((req, respond))) => {
-                let shared = shared.clone();
+                let ctx = ctx.clone();
                 let identity = identity.clone();
-                tokio::spawn(async move { h2_stream(req, respond, identity, shared).await });
+                tokio::spawn(async move { h2_stream(req, respond, identity, ctx).await });
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "h2 gateway connection error");
-                shared
-                    .metrics
+                ctx.metrics
                     .rejected
                     .with_label_values(&["h2_protocol"])
                     .inc();
@@ -195,21 +202,20 @@ async fn serve_h2(
 async fn serve_mux(
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     identity: Arc<str>,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     stop: watch::Receiver<bool>,
 ) {
     let on_open = {
-        let shared = shared.clone();
+        let ctx = ctx.clone();
         move |incoming: mux::Incoming| {
-            let (shared, identity) = (shared.clone(), identity.clone());
-            tokio::spawn(mux_stream(incoming, identity, shared));
+            let (ctx, identity) = (ctx.clone(), identity.clone());
+            tokio::spawn(mux_stream(incoming, identity, ctx));
         }
     };
     if let Err(e) = mux::serve(tls, on_open, stop).await {
         tracing::debug!(error = %e, "mux gateway connection error");
         if matches!(e, mux::Error::Protocol(_)) {
-            shared
-                .metrics
+            ctx.metrics
                 .rejected
                 .with_label_values(&["mux_protocol"])
                 .inc();
@@ -217,15 +223,15 @@ async fn serve_mux(
     }
 }
 
-async fn mux_stream(incoming: mux::Incoming, identity: Arc<str>, shared: Arc<Shared>) {
+async fn mux_stream(incoming: mux::Incoming, identity: Arc<str>, ctx: Arc<Context>) {
     let start = Instant::now();
     let auth = incoming.authorization().map(str::to_owned);
-    match authorize_and_dial(auth.as_deref(), &identity, &shared).await {
+    match authorize_and_dial(auth.as_deref(), &identity, &ctx).await {
         Ok((target, service)) => {
             let Ok(stream) = incoming.accept().await else {
                 return;
             };
-            relay_inbound(&shared, &service, start, |counters| async move {
+            relay_inbound(&ctx, &service, start, |counters| async move {
                 mux::splice(target, stream, &counters).await
             })
             .await;
@@ -236,15 +242,14 @@ async fn mux_stream(incoming: mux::Incoming, identity: Arc<str>, shared: Arc<Sha
 
 /// Runs an established inbound tunnel's relay (mux, h2 or HTTP/1.1) with its bookkeeping:
 /// tracked for the drain, counted per service, set-up time observed, end reason kept.
-async fn relay_inbound<F, Fut>(shared: &Shared, service: &str, start: Instant, relay: F)
+async fn relay_inbound<F, Fut>(ctx: &Context, service: &str, start: Instant, relay: F)
 where
     F: FnOnce(Counters) -> Fut,
     Fut: std::future::Future<Output = copy::End>,
 {
-    let _track = shared.tracker.track();
-    let mut guard = ConnGuard::new(&shared.metrics, "inbound", service);
-    shared
-        .metrics
+    let _track = ctx.tracker.track();
+    let mut guard = ConnGuard::new(&ctx.metrics, "inbound", service);
+    ctx.metrics
         .setup_seconds
         .with_label_values(&["inbound"])
         .observe(start.elapsed().as_secs_f64());
@@ -252,7 +257,7 @@ where
         up: guard.from_target.clone(),
         down: guard.to_target.clone(),
     };
-    let end = shared.tracker.run(relay(counters)).await;
+    let end = ctx.tracker.run(relay(counters)).await;
     guard.set_reason(end.reason());
 }
 
@@ -266,12 +271,12 @@ async fn h2_stream(
     req: Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     identity: Arc<str>,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
 ) {
     let (parts, mut body) = req.into_parts();
     if parts.method == Method::CONNECT {
         let start = Instant::now();
-        match authorize_and_dial(auth_header(&parts.headers), &identity, &shared).await {
+        match authorize_and_dial(auth_header(&parts.headers), &identity, &ctx).await {
             Ok((target, service)) => {
                 let Ok(resp) = response(StatusCode::OK).body(()) else {
                     return;
@@ -279,7 +284,7 @@ async fn h2_stream(
                 let Ok(send) = respond.send_response(resp, false) else {
                     return;
                 };
-                relay_inbound(&shared, &service, start, |counters| async move {
+                relay_inbound(&ctx, &service, start, |counters| async move {
                     copy::splice_h2(target, send, body, &counters).await
                 })
                 .await;
@@ -303,10 +308,10 @@ async fn h2_stream(
         }
         Ok(())
     };
-    match tokio::time::timeout(shared.handshake_timeout, read).await {
+    match tokio::time::timeout(ctx.handshake_timeout, read).await {
         Ok(Ok(())) => {}
         Ok(Err(status)) => {
-            shared.metrics.rejected.with_label_values(&["body"]).inc();
+            ctx.metrics.rejected.with_label_values(&["body"]).inc();
             h2_reply(
                 &mut respond,
                 status,
@@ -315,8 +320,7 @@ async fn h2_stream(
             return;
         }
         Err(_) => {
-            shared
-                .metrics
+            ctx.metrics
                 .rejected
                 .with_label_values(&["body_timeout"])
                 .inc();
@@ -330,7 +334,7 @@ async fn h2_stream(
         &parts.headers,
         data,
         &identity,
-        &shared,
+        &ctx,
     )
     .await;
     let mut builder = response(status);
@@ -359,23 +363,22 @@ fn h2_reply(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, b
 async fn serve_h1(
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     identity: Arc<str>,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let svc_shared = shared.clone();
-    let svc = hyper::service::service_fn(move |req| {
-        h1_request(req, identity.clone(), svc_shared.clone())
-    });
+    let svc_ctx = ctx.clone();
+    let svc =
+        hyper::service::service_fn(move |req| h1_request(req, identity.clone(), svc_ctx.clone()));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.handshake_timeout)
+        .header_read_timeout(ctx.handshake_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(TokioIo::new(tls), svc)
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = crate::app::stopped(&mut stop) => {
+        _ = fabric::sync::stopped(&mut stop) => {
             conn.as_mut().graceful_shutdown();
             conn.as_mut().await
         }
@@ -389,7 +392,7 @@ async fn serve_h1(
         } else {
             "http1_protocol"
         };
-        shared.metrics.rejected.with_label_values(&[reason]).inc();
+        ctx.metrics.rejected.with_label_values(&[reason]).inc();
     }
 }
 
@@ -404,20 +407,20 @@ fn h1_reply(status: StatusCode, body: impl Into<Bytes>) -> H1Response {
 async fn h1_request(
     req: Request<Incoming>,
     identity: Arc<str>,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
 ) -> Result<H1Response, Infallible> {
     if req.method() == Method::CONNECT {
         let start = Instant::now();
         return Ok(
-            match authorize_and_dial(auth_header(req.headers()), &identity, &shared).await {
+            match authorize_and_dial(auth_header(req.headers()), &identity, &ctx).await {
                 Ok((target, service)) => {
                     // Tracked from here, so that a drain waits for the upgrade too.
-                    let track = shared.tracker.track();
+                    let track = ctx.tracker.track();
                     tokio::spawn(async move {
                         let _track = track;
                         match hyper::upgrade::on(req).await {
                             Ok(upgraded) => {
-                                relay_inbound(&shared, &service, start, |counters| async move {
+                                relay_inbound(&ctx, &service, start, |counters| async move {
                                     copy::splice_io(target, TokioIo::new(upgraded), &counters).await
                                 })
                                 .await
@@ -435,7 +438,7 @@ async fn h1_request(
     let data = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes().to_vec(),
         Err(e) => {
-            shared.metrics.rejected.with_label_values(&["body"]).inc();
+            ctx.metrics.rejected.with_label_values(&["body"]).inc();
             let status = if e
                 .downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
@@ -453,7 +456,7 @@ async fn h1_request(
         &parts.headers,
         data,
         &identity,
-        &shared,
+        &ctx,
     )
     .await;
     let mut builder = response(status);
@@ -475,7 +478,7 @@ async fn peer_request(
     headers: &HeaderMap,
     body: Vec<u8>,
     identity: &str,
-    shared: &Shared,
+    ctx: &Context,
 ) -> (StatusCode, Vec<(String, Vec<u8>)>, Bytes) {
     let req = v1::PeerHttpRequest {
         method: method.to_string(),
@@ -490,7 +493,7 @@ async fn peer_request(
         body,
         peer_identity: identity.to_owned(),
     };
-    match shared.cp.peer_request(req).await {
+    match ctx.cp.peer_request(req).await {
         Ok(r) => {
             let status = u16::try_from(r.status)
                 .ok()
@@ -521,11 +524,10 @@ fn auth_header(headers: &HeaderMap) -> Option<&str> {
 async fn authorize_and_dial(
     auth: Option<&str>,
     identity: &str,
-    shared: &Shared,
+    ctx: &Context,
 ) -> Result<(TcpStream, String), (StatusCode, String)> {
     let deny = |reason: &'static str, status: StatusCode, text: String| {
-        shared
-            .metrics
+        ctx.metrics
             .denials
             .with_label_values(&["inbound", reason])
             .inc();
@@ -545,13 +547,13 @@ async fn authorize_and_dial(
             "Authorization header is not using the bearer scheme.".into(),
         ));
     };
-    let snap = shared.store.load();
+    let snap = ctx.store.load();
     let claims = token::verify(
         &snap.token_key,
         snap.min_epoch,
         token,
         identity,
-        token::now_unix(),
+        fabric::clock::unix_secs(),
     )
     .map_err(|e| {
         let reason = match e {
@@ -571,7 +573,7 @@ async fn authorize_and_dial(
         ));
     };
     let target = (export.host.as_str(), export.port);
-    match tokio::time::timeout(shared.connect_timeout, TcpStream::connect(target)).await {
+    match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(target)).await {
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
             Ok((tcp, service))

@@ -17,12 +17,27 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::app::Shared;
 use crate::copy::{self, Counters};
-use crate::metrics::ConnGuard;
-use crate::snapshot::Import;
-use crate::tunnel::{self, lock, Dialer, Tunnel};
-use crate::workers::Port;
+use crate::cpclient::ControlPlane;
+use crate::drain::Tracker;
+use crate::metrics::{ConnGuard, Metrics};
+use crate::snapshot::{Import, Store};
+use crate::sockopt;
+use crate::tunnel::{self, Dialer, Tunnel};
+use crate::workers::{Port, Workers};
+use fabric::sync::lock;
+
+/// What the import listeners' connections use, and nothing else.
+pub struct Context {
+    /// The snapshot in force: imports, and its generation for the egress cache.
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    /// Asked for egress decisions.
+    pub cp: ControlPlane,
+    pub tracker: Arc<Tracker>,
+    pub workers: Arc<Workers>,
+    pub egress_cache: EgressCache,
+}
 
 /// Bound on the egress cache; past it the cache starts over.
 const EGRESS_CACHE_MAX: usize = 4096;
@@ -43,13 +58,6 @@ const LAST_GOOD_MARGIN_MS: i64 = 500;
 #[derive(Default)]
 pub struct EgressCache(Mutex<HashMap<String, (u64, v1::EgressResponse)>>);
 
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl EgressCache {
     fn remember(&self, key: String, generation: u64, answer: &v1::EgressResponse) {
         let mut m = lock(&self.0);
@@ -61,7 +69,7 @@ impl EgressCache {
 
     /// The answer asked for under snapshot `generation`, if its token lives long enough.
     fn fresh(&self, key: &str, generation: u64) -> Option<v1::EgressResponse> {
-        let now = now_unix_ms();
+        let now = fabric::clock::unix_millis();
         let m = lock(&self.0);
         m.get(key)
             .filter(|(g, a)| *g == generation && a.expires_unix_ms > now + REUSE_MARGIN_MS)
@@ -70,7 +78,7 @@ impl EgressCache {
 
     /// The last answer under any snapshot, if its token is still valid.
     fn last_good(&self, key: &str) -> Option<v1::EgressResponse> {
-        let now = now_unix_ms();
+        let now = fabric::clock::unix_millis();
         let m = lock(&self.0);
         m.get(key)
             .filter(|(_, a)| a.expires_unix_ms > now + LAST_GOOD_MARGIN_MS)
@@ -131,11 +139,11 @@ impl Imports {
     /// not touched. Returns false if some listener could not be bound.
     pub async fn reconcile(
         &self,
-        shared: &Arc<Shared>,
+        ctx: &Arc<Context>,
         dialer: &Arc<Dialer>,
         stop: &watch::Receiver<bool>,
     ) -> bool {
-        let snap = shared.store.load();
+        let snap = ctx.store.load();
         let mut ok = true;
         let mut to_bind = Vec::new();
         let mut closing = Vec::new();
@@ -164,9 +172,9 @@ impl Imports {
             let bound = TcpListener::bind((self.bind, import.port))
                 .await
                 .and_then(|listener| {
-                    tunnel::tune_listener(&listener);
+                    sockopt::tune_listener(&listener);
                     let addr = listener.local_addr()?;
-                    let copies = shared.workers.listener_copies(&listener.into_std()?)?;
+                    let copies = ctx.workers.listener_copies(&listener.into_std()?)?;
                     Ok((addr, copies))
                 });
             match bound {
@@ -176,13 +184,13 @@ impl Imports {
                         .into_iter()
                         .enumerate()
                         .map(|(i, listener)| {
-                            shared.workers.spawn_on(
+                            ctx.workers.spawn_on(
                                 i,
                                 accept_loop(
                                     listener,
                                     i,
                                     k.clone(),
-                                    shared.clone(),
+                                    ctx.clone(),
                                     dialer.clone(),
                                     stop.clone(),
                                 ),
@@ -221,7 +229,7 @@ async fn accept_loop(
     listener: std::net::TcpListener,
     index: usize,
     service: String,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     dialer: Arc<Dialer>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -236,14 +244,14 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = crate::app::stopped(&mut stop) => return,
+            _ = fabric::sync::stopped(&mut stop) => return,
         };
         match accepted {
             Ok((tcp, peer_addr)) => {
-                let (shared, dialer, service) = (shared.clone(), dialer.clone(), service.clone());
-                let workers = shared.workers.clone();
+                let (ctx, dialer, service) = (ctx.clone(), dialer.clone(), service.clone());
+                let workers = ctx.workers.clone();
                 workers.dispatch(Port::Import, index, tcp, move |tcp, load| async move {
-                    connection(tcp, peer_addr, &service, &shared, &dialer).await;
+                    connection(tcp, peer_addr, &service, &ctx, &dialer).await;
                     drop(load);
                 });
             }
@@ -259,13 +267,13 @@ async fn connection(
     client: TcpStream,
     client_addr: SocketAddr,
     service: &str,
-    shared: &Shared,
+    ctx: &Context,
     dialer: &Dialer,
 ) {
     let start = Instant::now();
-    let _track = shared.tracker.track();
-    tunnel::tune_accepted(&client);
-    let mut guard = ConnGuard::new(&shared.metrics, "outbound", service);
+    let _track = ctx.tracker.track();
+    sockopt::tune_accepted(&client);
+    let mut guard = ConnGuard::new(&ctx.metrics, "outbound", service);
     let (namespace, name) = service.split_once('/').unwrap_or(("", service));
     let mut request = v1::EgressRequest {
         import_namespace: namespace.to_owned(),
@@ -274,8 +282,7 @@ async fn connection(
         rejected_token: String::new(),
     };
     let deny = |guard: &mut ConnGuard, reason: &'static str| {
-        shared
-            .metrics
+        ctx.metrics
             .denials
             .with_label_values(&["outbound", reason])
             .inc();
@@ -290,51 +297,46 @@ async fn connection(
     // reported, and a fresh answer asked for (the control plane then fails over).
     let cache_key = format!("{service}|{}", request.client_ip);
     for attempt in 0..2 {
-        let snap = shared.store.load();
+        let snap = ctx.store.load();
         let reusable = attempt == 0 && snap.imports.get(service).is_some_and(|i| i.sources == 1);
         let cached = if reusable {
-            shared.egress_cache.fresh(&cache_key, snap.generation)
+            ctx.egress_cache.fresh(&cache_key, snap.generation)
         } else {
             None
         };
         let answer = if let Some(a) = cached {
-            shared
-                .metrics
+            ctx.metrics
                 .egress_decisions
                 .with_label_values(&["cache"])
                 .inc();
             a
         } else {
             let t = Instant::now();
-            let answer = shared.cp.authorize_egress(request.clone()).await;
-            shared
-                .metrics
+            let answer = ctx.cp.authorize_egress(request.clone()).await;
+            ctx.metrics
                 .egress_authz_seconds
                 .observe(t.elapsed().as_secs_f64());
             match answer {
                 Ok(a) if a.allowed => {
-                    shared
-                        .metrics
+                    ctx.metrics
                         .egress_decisions
                         .with_label_values(&["controlplane"])
                         .inc();
-                    shared
-                        .egress_cache
+                    ctx.egress_cache
                         .remember(cache_key.clone(), snap.generation, &a);
                     a
                 }
                 Ok(a) => {
                     tracing::debug!(import = %service, reason = %a.reason, "egress denied");
-                    shared.egress_cache.forget(&cache_key);
+                    ctx.egress_cache.forget(&cache_key);
                     return deny(&mut guard, "policy");
                 }
-                Err(e) => match shared.egress_cache.last_good(&cache_key) {
+                Err(e) => match ctx.egress_cache.last_good(&cache_key) {
                     // Last-known-good: the control plane is away, the earlier answer's
                     // token is still valid, and the exporting peer checks it anyway.
                     Some(a) if request.rejected_token.is_empty() => {
                         tracing::debug!(import = %service, error = %e, "control plane away; using the last answer");
-                        shared
-                            .metrics
+                        ctx.metrics
                             .egress_decisions
                             .with_label_values(&["last_good"])
                             .inc();
@@ -374,14 +376,13 @@ async fn connection(
                     ) =>
             {
                 tracing::debug!(import = %service, %reason, "token refused; asking again");
-                shared.egress_cache.forget(&cache_key);
+                ctx.egress_cache.forget(&cache_key);
                 request.rejected_token = answer.access_token;
                 continue;
             }
             Err(e) => {
                 tracing::info!(import = %service, peer = %peer.name, error = %e, "no tunnel");
-                shared
-                    .metrics
+                ctx.metrics
                     .denials
                     .with_label_values(&["outbound", "unreachable"])
                     .inc();
@@ -390,8 +391,7 @@ async fn connection(
                 return;
             }
         };
-        shared
-            .metrics
+        ctx.metrics
             .setup_seconds
             .with_label_values(&["outbound"])
             .observe(start.elapsed().as_secs_f64());
@@ -402,7 +402,7 @@ async fn connection(
         counters.up.inc_by(first.len() as u64);
         let end = match tunnel {
             Tunnel::H2 { send, recv, lease } => {
-                let end = shared
+                let end = ctx
                     .tracker
                     .run(copy::splice_h2(client, send, recv, &counters))
                     .await;
@@ -410,7 +410,7 @@ async fn connection(
                 end
             }
             Tunnel::Mux { stream, lease } => {
-                let end = shared
+                let end = ctx
                     .tracker
                     .run(crate::mux::splice(client, stream, &counters))
                     .await;
@@ -418,8 +418,7 @@ async fn connection(
                 end
             }
             Tunnel::H1(io) => {
-                shared
-                    .tracker
+                ctx.tracker
                     .run(copy::splice_io(client, io, &counters))
                     .await
             }

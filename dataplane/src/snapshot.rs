@@ -68,29 +68,6 @@ pub fn key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
-/// A DNS label sequence as Kubernetes and certificates use it.
-fn valid_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
-}
-
-fn valid_host_port(s: &str) -> bool {
-    match s.rsplit_once(':') {
-        Some((host, port)) => {
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
-        }
-        None => false,
-    }
-}
-
 impl Snapshot {
     /// Validates a snapshot from the control plane item by item.
     pub fn from_proto(s: v1::Snapshot, metrics: &Metrics) -> Snapshot {
@@ -103,11 +80,15 @@ impl Snapshot {
             ..Default::default()
         };
         for p in s.peers {
-            if !valid_dns_name(&p.name) {
+            if fabric::names::peer_name(&p.name).is_err() {
                 reject("peer", &p.name, "peer name is not a DNS name");
                 continue;
             }
-            if let Some(bad) = p.gateways.iter().find(|g| !valid_host_port(g)) {
+            if let Some(bad) = p
+                .gateways
+                .iter()
+                .find(|g| fabric::names::split_host_port(g).is_err())
+            {
                 reject(
                     "peer",
                     &p.name,

@@ -127,7 +127,7 @@ impl Workers {
                         }
                     };
                     let _ = handle_tx.send(Ok(rt.handle().clone()));
-                    rt.block_on(crate::app::stopped(&mut halt));
+                    rt.block_on(fabric::sync::stopped(&mut halt));
                     // Dropping the runtime drops the tasks left on it (the streams the
                     // drain did not wait for) and closes their sockets.
                     rt.shutdown_timeout(Duration::from_millis(100));

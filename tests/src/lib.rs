@@ -165,13 +165,13 @@ impl PeerFiles {
     }
 
     /// The peer's TLS material, loaded as a data plane loads it.
-    pub fn material(&self) -> Result<dataplane::tls::Material> {
-        let paths = dataplane::tls::CertPaths {
+    pub fn material(&self) -> Result<fabric::identity::Material> {
+        let paths = fabric::identity::CertPaths {
             ca: self.ca.clone(),
             cert: self.cert.clone(),
             key: self.key.clone(),
         };
-        Ok(dataplane::tls::Material::load(&paths, 1)?)
+        Ok(fabric::identity::Material::load(&paths, 1)?)
     }
 
     /// Replaces the files atomically (write then rename), as a secret update would.
@@ -517,13 +517,13 @@ pub fn importer_snapshot(gateway: SocketAddr) -> v1::Snapshot {
 
 /// A token B's gateway accepts from `sub` for `default/echo`.
 pub fn token_for(sub: &str, ttl_secs: u64, epoch: u64) -> String {
-    dataplane::token::mint(
+    fabric::token::mint(
         TOKEN_KEY,
-        &dataplane::token::Claims {
+        &fabric::token::Claims {
             sub: sub.into(),
             export_namespace: NS.into(),
             export_name: SERVICE.into(),
-            exp: dataplane::token::now_unix() + ttl_secs,
+            exp: fabric::clock::unix_secs() + ttl_secs,
             epoch,
         },
     )
@@ -536,7 +536,7 @@ pub fn allow_to_b() -> impl Fn(&v1::EgressRequest) -> v1::EgressResponse + Send 
         reason: String::new(),
         peer: PEER_B.into(),
         access_token: token_for(PEER_A, 60, 1),
-        expires_unix_ms: ((dataplane::token::now_unix() + 60) * 1000) as i64,
+        expires_unix_ms: ((fabric::clock::unix_secs() + 60) * 1000) as i64,
     }
 }
 

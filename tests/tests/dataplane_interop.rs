@@ -457,8 +457,8 @@ fn ours_ok() -> http::Result<http::Response<()>> {
     http::Response::builder()
         .status(200)
         .header(
-            dataplane::tunnel::PROTOCOLS_HEADER,
-            dataplane::tunnel::PROTOCOLS_VALUE,
+            fabric::wire::PROTOCOLS_HEADER,
+            fabric::wire::PROTOCOLS_VALUE,
         )
         .body(())
 }

@@ -154,19 +154,19 @@ async fn expired_client_certificate_is_refused() -> Result<()> {
 async fn forged_expired_and_foreign_tokens_are_refused() -> Result<()> {
     let pair = Pair::start(Options::default()).await?;
     let cert_a = pair.fabric.issue(PEER_A)?;
-    let claims = |sub: &str, exp: u64, name: &str, epoch: u64| dataplane::token::Claims {
+    let claims = |sub: &str, exp: u64, name: &str, epoch: u64| fabric::token::Claims {
         sub: sub.into(),
         export_namespace: NS.into(),
         export_name: name.into(),
         exp,
         epoch,
     };
-    let now = dataplane::token::now_unix();
+    let now = fabric::clock::unix_secs();
     let cases: Vec<(&str, Option<String>, u16)> = vec![
         ("missing", None, 400),
         (
             "forged",
-            Some(dataplane::token::mint(
+            Some(fabric::token::mint(
                 b"not-the-key-not-the-key-not-the!",
                 &claims(PEER_A, now + 60, SERVICE, 1),
             )),
@@ -174,7 +174,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() -> Result<()> {
         ),
         (
             "expired",
-            Some(dataplane::token::mint(
+            Some(fabric::token::mint(
                 TOKEN_KEY,
                 &claims(PEER_A, now - 1, SERVICE, 1),
             )),
@@ -189,7 +189,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() -> Result<()> {
         ("garbage", Some("a.b.c".into()), 403),
         (
             "unknown export",
-            Some(dataplane::token::mint(
+            Some(fabric::token::mint(
                 TOKEN_KEY,
                 &claims(PEER_A, now + 60, "nope", 1),
             )),
@@ -245,7 +245,7 @@ async fn refused_token_is_reported_and_the_client_reset() -> Result<()> {
             allowed: true,
             peer: PEER_B.into(),
             access_token: token_for(PEER_A, 60, 0), // an epoch B no longer accepts
-            expires_unix_ms: ((dataplane::token::now_unix() + 60) * 1000) as i64,
+            expires_unix_ms: ((fabric::clock::unix_secs() + 60) * 1000) as i64,
             ..Default::default()
         });
     ensure!(refused(pair.import, T).await, "client not reset");

@@ -91,21 +91,13 @@ pub fn verify(
             min: min_epoch,
         });
     }
-    if !claims.sub.eq_ignore_ascii_case(peer) {
+    if !crate::identity::same_peer(&claims.sub, peer) {
         return Err(Error::WrongPeer {
             sub: claims.sub,
             peer: peer.to_owned(),
         });
     }
     Ok(claims)
-}
-
-/// Seconds since the Unix epoch.
-pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -2,6 +2,9 @@
 //! key, builds the gateway's server config (client certificate required) and the
 //! outbound client configs (SNI = peer name, remote SAN must equal that name), and
 //! reloads the files when they change without touching live tunnels.
+//! A peer's identity is the first DNS SAN of its certificate, in lower case (DNS
+//! names compare without case, Kubernetes names are lower case); `same_peer` is the
+//! one comparison of two names.
 //! It never accepts a chain that does not lead to the fabric CA, and a bad new file
 //! never replaces a good loaded one.
 
@@ -19,11 +22,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::sync::watch;
 
-/// ALPN protocol ids offered on the gateway port, best first.
-pub const ALPN_H2: &[u8] = b"h2";
-pub const ALPN_HTTP11: &[u8] = b"http/1.1";
-/// Our gateways' own tunnel protocol (`crate::mux`), preferred between them.
-pub const ALPN_MUX: &[u8] = b"clusterlink-mux/1";
+use crate::wire::{ALPN_H2, ALPN_HTTP11, ALPN_MUX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -131,7 +130,12 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
     })
 }
 
-/// The identity of a certificate: its first DNS SAN.
+/// Whether two peer names are the same peer: DNS names compare without ASCII case.
+pub fn same_peer(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// The identity of a certificate: its first DNS SAN, in lower case.
 pub fn identity_of(cert: &CertificateDer<'_>) -> Result<String, Error> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| Error::Certificate(format!("unparsable certificate: {e}")))?;
@@ -141,7 +145,7 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<String, Error> {
 fn first_dns_san(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
     let san = cert.subject_alternative_name().ok().flatten()?;
     san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+        x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
         _ => None,
     })
 }
@@ -279,7 +283,7 @@ impl ServerCertVerifier for PeerNameVerifier {
             }
         };
         match identity_of(end_entity) {
-            Ok(id) if id.eq_ignore_ascii_case(&expected) => Ok(ServerCertVerified::assertion()),
+            Ok(id) if same_peer(&id, &expected) => Ok(ServerCertVerified::assertion()),
             Ok(id) => Err(rustls::Error::General(format!(
                 "remote identity {id:?} is not the peer {expected:?}"
             ))),
@@ -475,6 +479,12 @@ mod tests {
             Err(Error::Read { .. })
         ));
         Ok(())
+    }
+
+    #[test]
+    fn peer_names_compare_without_case() {
+        assert!(same_peer("peer-a", "Peer-A"));
+        assert!(!same_peer("peer-a", "peer-b"));
     }
 
     #[test]

@@ -1,0 +1,125 @@
+//! The wire format: frame types, headers, size limits, the reader's frame buffer and
+//! the pieces of one send. Pure data: it never does I/O and knows nothing of streams
+//! or credit.
+
+use std::io;
+
+use bytes::Buf;
+
+use super::MAX_DATA;
+use crate::copy;
+
+pub(super) const HEADER: usize = 8;
+pub(super) const MAX_OPEN: usize = 16 * 1024;
+pub(super) const MAX_REPLY: usize = 16 * 1024;
+const _: () = assert!(MAX_OPEN <= MAX_DATA && MAX_REPLY <= MAX_DATA);
+
+pub(super) const DATA: u8 = 0;
+pub(super) const OPEN: u8 = 1;
+pub(super) const REPLY: u8 = 2;
+pub(super) const FIN: u8 = 3;
+pub(super) const RST: u8 = 4;
+pub(super) const CREDIT: u8 = 5;
+pub(super) const GOAWAY: u8 = 6;
+
+pub(super) fn header(kind: u8, len: usize, id: u32) -> [u8; HEADER] {
+    let l = (len as u32).to_be_bytes();
+    let i = id.to_be_bytes();
+    [kind, l[1], l[2], l[3], i[0], i[1], i[2], i[3]]
+}
+
+/// The reader's buffer, allocated and zeroed once per connection and reused: a DATA
+/// frame is written to its stream's socket straight from here. Each read is bounded
+/// to finish the current frame and take at most the next header, so that what is
+/// left after the complete frames is at most a header (moved to the front), never
+/// part of a payload. (A fresh buffer per read would cost a `memset`: tokio-rustls
+/// zeroes the part of a read buffer it does not know to be initialised.)
+pub(super) struct FrameBuf {
+    buf: Vec<u8>,
+    /// Where the window starts (`copy::DATA_PHASE` modulo 4096).
+    start: usize,
+    pub(super) filled: usize,
+}
+
+const FRAME_BUF: usize = HEADER + MAX_DATA + HEADER;
+
+impl FrameBuf {
+    pub(super) fn new() -> FrameBuf {
+        let buf = vec![0u8; FRAME_BUF + copy::PAGE];
+        let start = copy::phase_offset(buf.as_ptr());
+        FrameBuf {
+            buf,
+            start,
+            filled: 0,
+        }
+    }
+
+    pub(super) fn window(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.start + FRAME_BUF]
+    }
+}
+
+/// The payload length in a frame header.
+pub(super) fn frame_len(h: &[u8]) -> usize {
+    u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize
+}
+
+/// Up to 5 slices written as one (vectored) write; rustls seals them into records
+/// without gathering them first.
+pub(super) struct Parts<'a> {
+    parts: [&'a [u8]; 5],
+    n: usize,
+    i: usize,
+}
+
+impl<'a> Parts<'a> {
+    pub(super) fn new(first: &'a [u8], rest: &[&'a [u8]]) -> Parts<'a> {
+        let mut parts: [&[u8]; 5] = [&[]; 5];
+        parts[0] = first;
+        let n = 1 + rest.len().min(4);
+        parts[1..n].copy_from_slice(&rest[..n - 1]);
+        Parts { parts, n, i: 0 }
+    }
+}
+
+impl Buf for Parts<'_> {
+    fn remaining(&self) -> usize {
+        self.parts[self.i..self.n].iter().map(|p| p.len()).sum()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts[self.i..self.n]
+            .iter()
+            .find(|p| !p.is_empty())
+            .copied()
+            .unwrap_or(&[])
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 && self.i < self.n {
+            let p = &mut self.parts[self.i];
+            if cnt >= p.len() {
+                cnt -= p.len();
+                self.i += 1;
+            } else {
+                *p = &p[cnt..];
+                cnt = 0;
+            }
+        }
+        while self.i < self.n && self.parts[self.i].is_empty() {
+            self.i += 1;
+        }
+    }
+
+    fn chunks_vectored<'b>(&'b self, dst: &mut [io::IoSlice<'b>]) -> usize {
+        let mut k = 0;
+        for p in self.parts[self.i..self.n].iter().filter(|p| !p.is_empty()) {
+            if k == dst.len() {
+                break;
+            }
+            dst[k] = io::IoSlice::new(p);
+            k += 1;
+        }
+        k
+    }
+}
