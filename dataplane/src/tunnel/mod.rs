@@ -7,7 +7,8 @@
 //! since been rotated. Peers that do not tunnel over h2 (ClusterLink's Go data
 //! plane offers h2 in ALPN but cannot CONNECT over it) get HTTP/1.1 CONNECT, one TLS
 //! connection per tunnel, as ClusterLink's data planes expect.
-//! The pool lock is held only to pick or insert a connection, never across I/O.
+//! Each worker has a pool of its own; a pool lock is held only to pick or insert a
+//! connection, never across I/O.
 //!
 //! Layout: this module opens tunnels (gateway order, fallback to HTTP/1.1 CONNECT,
 //! TLS dialing); `pool` keeps the pooled connections; `stream` opens a stream on one
@@ -38,7 +39,7 @@ use crate::sockopt::tune;
 
 use h1::connect_h1;
 pub use h1::Rewind;
-use pool::Pooled;
+use pool::Pool;
 pub use pool::StreamLease;
 
 /// How long a remote gateway gets to answer a CONNECT, unless
@@ -85,7 +86,10 @@ pub struct Dialer {
     connect_timeout: Duration,
     response_timeout: Duration,
     gateway_backoff: Duration,
-    pool: Mutex<HashMap<String, Vec<Arc<Pooled>>>>,
+    /// One pool per worker thread, and a last one for callers on no worker thread
+    /// (`with_workers`): a new stream takes only its own worker's pool lock, which no
+    /// other thread takes but to look for a fallback.
+    pools: Box<[Mutex<Pool>]>,
     /// Serialises connection set-up per gateway so that a burst of new connections
     /// shares one handshake instead of racing many.
     connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -115,7 +119,7 @@ impl Dialer {
             connect_timeout,
             response_timeout: RESPONSE_TIMEOUT,
             gateway_backoff: Duration::from_secs(5),
-            pool: Mutex::new(HashMap::new()),
+            pools: Box::new([Mutex::new(Pool::new())]),
             connecting: Mutex::new(HashMap::new()),
             failed_until: Mutex::new(HashMap::new()),
             growth_failed_until: Mutex::new(HashMap::new()),
@@ -123,6 +127,13 @@ impl Dialer {
             force_h1,
             mux: true,
         }
+    }
+
+    /// A pool for each of `workers` worker threads (`crate::workers`), besides the one
+    /// for callers on no worker thread.
+    pub fn with_workers(mut self, workers: usize) -> Self {
+        self.pools = (0..=workers).map(|_| Mutex::new(Pool::new())).collect();
+        self
     }
 
     /// Pooled connections speak h2 even to gateways that offer `clusterlink-mux/1`.

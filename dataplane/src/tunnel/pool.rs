@@ -1,6 +1,7 @@
-//! The pool of tunnel connections to remote gateways (mux or h2): which one a new
-//! stream rides on, when another is made, and when one leaves the pool. The lock is
-//! held only to pick or insert a connection, never across I/O.
+//! The pools of tunnel connections to remote gateways (mux or h2), one per worker:
+//! which connection a new stream rides on, when another is made, and when one leaves
+//! the pool. A pool lock is held only to pick or insert a connection, never across
+//! I/O, and never together with another pool's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -111,30 +112,50 @@ impl Pooled {
     }
 }
 
+/// One worker's pooled connections, by "peer@gateway".
+pub(super) type Pool = HashMap<String, Vec<Arc<Pooled>>>;
+
+/// Most streams a connection is chosen for ahead of another: the least busy usable
+/// one, uncongested ones first.
+fn least_busy<'a>(conns: impl Iterator<Item = &'a Arc<Pooled>>) -> Option<Arc<Pooled>> {
+    conns
+        .min_by_key(|c| (c.congested(), c.active.load(Ordering::Relaxed)))
+        .cloned()
+}
+
 impl Dialer {
-    /// A pooled connection to `gw` with a free stream slot, made if needed.
-    pub(super) async fn pooled(
+    /// The pool of a caller on `worker`: its own, or the last one, shared by callers
+    /// on no worker thread (or on one this dialer was not sized for).
+    fn slot(&self, worker: Option<usize>) -> usize {
+        let shared = self.pools.len() - 1;
+        worker.filter(|w| *w < shared).unwrap_or(shared)
+    }
+
+    /// (connection to use, whether another one should be made instead): the worker's
+    /// own least busy usable connection, uncongested ones first. If that one is
+    /// congested: another worker's uncongested one, else make one (up to
+    /// `MAX_POOLED_PER_WORKER`), falling back to it. If the worker has none: make one,
+    /// falling back to another worker's. `may_grow` is false while this worker's last
+    /// attempt failed (see `growth_failed_until`).
+    /// Only the worker's own pool is locked unless it has no uncongested connection;
+    /// then the other pools are looked at one after the other, never two at once.
+    fn pick(
         &self,
-        peer: &Peer,
-        gw: &str,
-    ) -> Result<Result<Arc<Pooled>, TlsStream<TcpStream>>, Error> {
-        let key = format!("{}@{gw}", peer.name);
-        let generation = self.tls.borrow().generation;
-        // Connections are kept per worker (None: not on a worker thread).
-        let worker = crate::workers::current();
-        // (connection to use, whether another one should be made instead): the
-        // worker's own least busy usable connection, uncongested ones first. If that
-        // one is congested: another worker's uncongested one, else make one (up to
-        // `MAX_POOLED_PER_WORKER`), falling back to it. If the worker has none: make
-        // one, falling back to another worker's. `may_grow` is false while this
-        // worker's last attempt failed (see `growth_failed_until`).
-        let pick = |pool: &mut HashMap<String, Vec<Arc<Pooled>>>, may_grow: bool, generation| {
-            let conns = pool.entry(key.clone()).or_default();
-            // Dropped from the pool: dead ones, and those no new stream may use (an
-            // older certificate, a mux connection after GOAWAY); a dropped connection
-            // carries its streams to their end and then closes (h2 and mux alike),
-            // instead of staying open until the remote closes it.
-            conns.retain(|c| !c.dead.load(Ordering::Relaxed) && !c.retired(generation));
+        key: &str,
+        worker: Option<usize>,
+        may_grow: bool,
+        generation: u64,
+    ) -> (Option<Arc<Pooled>>, bool) {
+        // Dropped from the pool: dead ones, and those no new stream may use (an older
+        // certificate, a mux connection after GOAWAY); a dropped connection carries its
+        // streams to their end and then closes (h2 and mux alike), instead of staying
+        // open until the remote closes it.
+        let live = |c: &Arc<Pooled>| !c.dead.load(Ordering::Relaxed) && !c.retired(generation);
+        let own_slot = self.slot(worker);
+        let (own, own_count) = {
+            let mut pool = lock(&self.pools[own_slot]);
+            let conns = pool.entry(key.to_owned()).or_default();
+            conns.retain(live);
             // A worker keeps one idle connection to a gateway: extra ones (made for a
             // burst, for congestion or at the stream limit) leave the pool once idle
             // while another of its connections can take new streams, and close.
@@ -151,32 +172,59 @@ impl Dialer {
                 idle_kept |= keep;
                 keep
             });
-            let usable: Vec<_> = conns.iter().filter(|c| c.usable(generation)).collect();
-            let least_busy = |own: bool| {
-                usable
+            let own = least_busy(
+                conns
                     .iter()
-                    .filter(|c| !own || c.worker == worker)
-                    .min_by_key(|c| (c.congested(), c.active.load(Ordering::Relaxed)))
-                    .map(|c| Arc::clone(c))
-            };
-            let own_count = conns.iter().filter(|c| c.worker == worker).count();
-            match least_busy(true) {
-                // Another worker's uncongested connection beats making one; else
-                // make one (up to the cap), falling back to this.
-                Some(own) if own.congested() => match least_busy(false) {
-                    Some(other) if !other.congested() => (Some(other), false),
-                    _ => (Some(own), may_grow && own_count < MAX_POOLED_PER_WORKER),
-                },
-                Some(own) => (Some(own), false),
-                None => {
-                    let other = least_busy(false);
-                    let grow = may_grow || other.is_none();
-                    (other, grow)
-                }
-            }
+                    .filter(|c| c.worker == worker && c.usable(generation)),
+            );
+            (own, conns.iter().filter(|c| c.worker == worker).count())
         };
+        if let Some(own) = own.as_ref().filter(|c| !c.congested()) {
+            return (Some(own.clone()), false);
+        }
+        // Other workers' connections (in their pools, and in the shared one).
+        let mut other: Option<Arc<Pooled>> = None;
+        for (i, pool) in self.pools.iter().enumerate() {
+            let mut pool = lock(pool);
+            let Some(conns) = pool.get_mut(key) else {
+                continue;
+            };
+            if i != own_slot {
+                conns.retain(live);
+            }
+            let best = least_busy(
+                conns
+                    .iter()
+                    .filter(|c| c.worker != worker && c.usable(generation)),
+            );
+            other = least_busy(other.iter().chain(best.iter()));
+        }
+        match own {
+            // Another worker's uncongested connection beats making one; else make one
+            // (up to the cap), falling back to this.
+            Some(own) => match other {
+                Some(other) if !other.congested() => (Some(other), false),
+                _ => (Some(own), may_grow && own_count < MAX_POOLED_PER_WORKER),
+            },
+            None => {
+                let grow = may_grow || other.is_none();
+                (other, grow)
+            }
+        }
+    }
+
+    /// A pooled connection to `gw` with a free stream slot, made if needed.
+    pub(super) async fn pooled(
+        &self,
+        peer: &Peer,
+        gw: &str,
+    ) -> Result<Result<Arc<Pooled>, TlsStream<TcpStream>>, Error> {
+        let key = format!("{}@{gw}", peer.name);
+        let generation = self.tls.borrow().generation;
+        // Connections are kept per worker (None: not on a worker thread).
+        let worker = crate::workers::current();
         // Fast path: a connection to use and no reason to make one.
-        if let (Some(c), false) = pick(&mut lock(&self.pool), true, generation) {
+        if let (Some(c), false) = self.pick(&key, worker, true, generation) {
             return Ok(Ok(c));
         }
         let gate_key = format!("{key}#{}", worker.map_or(usize::MAX, |w| w));
@@ -193,7 +241,7 @@ impl Dialer {
             .is_none_or(|t| *t <= Instant::now());
         // A reload while this task waited at the gate: pick with the newest.
         let generation = self.tls.borrow().generation;
-        let fallback = match pick(&mut lock(&self.pool), may_grow, generation) {
+        let fallback = match self.pick(&key, worker, may_grow, generation) {
             (Some(c), false) => return Ok(Ok(c)),
             (best, true) => best,
             (None, false) => None,
@@ -281,14 +329,15 @@ impl Dialer {
         dead: Arc<AtomicBool>,
         generation: u64,
     ) -> Arc<Pooled> {
+        let worker = crate::workers::current();
         let pooled = Arc::new(Pooled {
             link,
             active: Arc::new(AtomicUsize::new(0)),
             dead,
             generation,
-            worker: crate::workers::current(),
+            worker,
         });
-        lock(&self.pool)
+        lock(&self.pools[self.slot(worker)])
             .entry(key.to_owned())
             .or_default()
             .push(pooled.clone());
