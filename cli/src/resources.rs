@@ -168,7 +168,12 @@ fn table(kind: Kind, items: &[serde_json::Value]) -> String {
                         .as_array()
                         .map(|g| {
                             g.iter()
-                                .map(|g| format!("{}:{}", s(&g["host"]), s(&g["port"])))
+                                .map(|g| match g["port"].as_u64().map(u16::try_from) {
+                                    Some(Ok(port)) => {
+                                        fabric::names::host_port(&s(&g["host"]), port)
+                                    }
+                                    _ => format!("{}:{}", s(&g["host"]), s(&g["port"])),
+                                })
                                 .collect::<Vec<_>>()
                                 .join(",")
                         })

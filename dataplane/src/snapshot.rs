@@ -1,7 +1,8 @@
 //! Snapshots: one complete, validated configuration from the control plane, swapped in
 //! whole as an immutable `Arc<Snapshot>`. The data path reads it without locks. An
 //! invalid item is refused on its own, with its reason logged and counted; the rest of
-//! the snapshot applies.
+//! the snapshot applies. It never talks to the control plane (`cpclient` does) and
+//! never holds a lock the data path would wait on.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! Two small concurrency helpers every process uses: a lock that survives poisoning,
-//! and waiting for a stop signal on a `watch` channel.
+//! and waiting for a stop signal on a `watch` channel. Nothing here blocks.
 
 use std::sync::{Mutex, MutexGuard};
 

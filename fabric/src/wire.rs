@@ -1,6 +1,6 @@
 //! The names on the wire between peers and between our own gateways: ALPN ids,
 //! header names, peer request paths. Both planes read them from here so that a
-//! rename cannot leave one side behind.
+//! rename cannot leave one side behind. Constants only: no parsing, no I/O.
 
 /// ALPN: HTTP/2 (CONNECT streams, spec 4.4).
 pub const ALPN_H2: &[u8] = b"h2";
