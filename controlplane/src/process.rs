@@ -1,6 +1,5 @@
 //! The process edge of cl-controlplane: flags, logging, runtime, signals. The
-//! binary's `main` is this function; `clusterlink` calls it too when it runs the
-//! control plane embedded (no cl-controlplane binary next to it).
+//! binary's `main` is this function.
 
 use std::ffi::OsString;
 

@@ -217,7 +217,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         metrics.clone(),
         connect_timeout,
         config.force_http1,
-    );
+    )
+    .with_workers(workers.len());
     if config.no_mux {
         dialer = dialer.without_mux();
     }

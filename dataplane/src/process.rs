@@ -1,6 +1,5 @@
 //! The process edge of cl-dataplane: flags, logging, runtime, signals. The binary's
-//! `main` is this function; `clusterlink` calls it too when it runs the data plane
-//! embedded (no cl-dataplane binary next to it).
+//! `main` is this function.
 
 use std::ffi::OsString;
 use std::time::Duration;

@@ -18,7 +18,11 @@ pub enum Error {
     Label,
     #[error("must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character")]
     Subdomain,
-    #[error("must be host:port with a port from 1 to 65535")]
+    #[error("must be a DNS name that TLS accepts as a server name (not an IP address, no all-numeric last label)")]
+    NotDnsName,
+    #[error("must be a host name, an IPv4 address or an IPv6 address")]
+    Host,
+    #[error("must be host:port (with [ ] around an IPv6 address) and a port from 1 to 65535")]
     HostPort,
 }
 
@@ -69,11 +73,30 @@ pub fn dns1123_subdomain(s: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// A peer name: a DNS-1123 subdomain whose labels are at most 63 characters each.
+/// A peer name: a DNS-1123 subdomain whose labels are at most 63 characters each, and
+/// a name TLS takes as a server name (the SNI its gateway is dialed by).
 pub fn peer_name(s: &str) -> Result<(), Error> {
     dns1123_subdomain(s)?;
     if s.split('.').any(|l| l.len() > MAX_LABEL) {
         return Err(Error::LabelTooLong);
+    }
+    match rustls_pki_types::ServerName::try_from(s) {
+        Ok(rustls_pki_types::ServerName::DnsName(_)) => Ok(()),
+        _ => Err(Error::NotDnsName),
+    }
+}
+
+/// A gateway host: an IPv4 or IPv6 address (without brackets), or a host name of
+/// letters, digits, '-', '_' and '.'.
+pub fn host(s: &str) -> Result<(), Error> {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let name_chars = s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if s.is_empty() || s.len() > MAX_SUBDOMAIN || !name_chars || s.split('.').any(str::is_empty) {
+        return Err(Error::Host);
     }
     Ok(())
 }
@@ -87,17 +110,26 @@ pub fn host_port(host: &str, port: u16) -> String {
     }
 }
 
-/// Splits `host:port` (`[v6]:port` for IPv6) into a non-empty host, without
-/// brackets, and a port from 1 to 65535.
+/// Splits `host:port` (`[v6]:port` for IPv6) into a host (as `host` accepts it,
+/// without brackets) and a port of decimal digits from 1 to 65535.
 pub fn split_host_port(s: &str) -> Result<(&str, u16), Error> {
     let (host, port) = s.rsplit_once(':').ok_or(Error::HostPort)?;
     let host = match host.strip_prefix('[') {
-        Some(v6) => v6.strip_suffix(']').ok_or(Error::HostPort)?,
+        Some(v6) => {
+            let v6 = v6.strip_suffix(']').ok_or(Error::HostPort)?;
+            v6.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| Error::HostPort)?;
+            v6
+        }
         None if host.contains(':') => return Err(Error::HostPort),
         None => host,
     };
+    self::host(host).map_err(|_| Error::HostPort)?;
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::HostPort);
+    }
     match port.parse::<u16>() {
-        Ok(p) if p != 0 && !host.is_empty() => Ok((host, p)),
+        Ok(p) if p != 0 => Ok((host, p)),
         _ => Err(Error::HostPort),
     }
 }
@@ -150,6 +182,36 @@ mod tests {
         assert_eq!(peer_name(&"a".repeat(64)), Err(Error::LabelTooLong));
         assert_eq!(peer_name("Peer-A"), Err(Error::Subdomain));
         assert_eq!(peer_name(""), Err(Error::Empty));
+        // Valid Kubernetes names, but no TLS server name.
+        for bad in ["123", "peer.1", "10.0.0.1"] {
+            assert_eq!(peer_name(bad), Err(Error::NotDnsName), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        for ok in [
+            "10.0.0.1",
+            "::1",
+            "fe80::1",
+            "gw.example",
+            "gw_1.example",
+            "localhost",
+        ] {
+            assert_eq!(host(ok), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "gw example",
+            "gw/x",
+            "a@b",
+            "a..b",
+            ".a",
+            "[::1]",
+            "a:b",
+        ] {
+            assert_eq!(host(bad), Err(Error::Host), "{bad:?}");
+        }
     }
 
     #[test]
@@ -160,7 +222,20 @@ mod tests {
         assert_eq!(split_host_port("gw.example:4443"), Ok(("gw.example", 4443)));
         assert_eq!(split_host_port("[::1]:1"), Ok(("::1", 1)));
         for bad in [
-            "", ":", "h:", ":1", "h:0", "h:65536", "h:x", "[::1:1", "::1:80", "[]:1",
+            "",
+            ":",
+            "h:",
+            ":1",
+            "h:0",
+            "h:65536",
+            "h:x",
+            "[::1:1",
+            "::1:80",
+            "[]:1",
+            "h:+80",
+            "[gw.example]:443",
+            "g w:80",
+            "h:080000",
         ] {
             assert_eq!(split_host_port(bad), Err(Error::HostPort), "{bad:?}");
         }

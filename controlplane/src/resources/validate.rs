@@ -39,12 +39,12 @@ pub fn validate(r: &Resource) -> Result<(), Error> {
     match r {
         Resource::Peer(o) => {
             for (i, g) in o.spec.gateways.iter().enumerate() {
-                if g.host.trim().is_empty() {
+                if let Err(e) = names::host(&g.host) {
                     return Err(invalid(
                         kind,
                         name,
                         &format!("spec.gateways[{i}].host"),
-                        "must not be empty",
+                        e.to_string(),
                     ));
                 }
                 if g.port == 0 {

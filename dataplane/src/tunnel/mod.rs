@@ -19,6 +19,7 @@ mod pool;
 mod stream;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,9 @@ pub struct Dialer {
     /// (`with_workers`): a new stream takes only its own worker's pool lock, which no
     /// other thread takes but to look for a fallback.
     pools: Box<[Mutex<Pool>]>,
+    /// The certificate generation up to which every pool has been swept of retired
+    /// connections (`pool::Dialer::pick`).
+    swept: AtomicU64,
     /// Serialises connection set-up per gateway so that a burst of new connections
     /// shares one handshake instead of racing many.
     connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -120,6 +124,7 @@ impl Dialer {
             response_timeout: RESPONSE_TIMEOUT,
             gateway_backoff: Duration::from_secs(5),
             pools: Box::new([Mutex::new(Pool::new())]),
+            swept: AtomicU64::new(0),
             connecting: Mutex::new(HashMap::new()),
             failed_until: Mutex::new(HashMap::new()),
             growth_failed_until: Mutex::new(HashMap::new()),

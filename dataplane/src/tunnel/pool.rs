@@ -151,6 +151,15 @@ impl Dialer {
         // streams to their end and then closes (h2 and mux alike), instead of staying
         // open until the remote closes it.
         let live = |c: &Arc<Pooled>| !c.dead.load(Ordering::Relaxed) && !c.retired(generation);
+        // After a rotation, the first pick drops every worker's retired connections,
+        // also those of workers that may never pick this gateway again.
+        if self.swept.fetch_max(generation, Ordering::Relaxed) < generation {
+            for pool in self.pools.iter() {
+                for conns in lock(pool).values_mut() {
+                    conns.retain(live);
+                }
+            }
+        }
         let own_slot = self.slot(worker);
         let (own, own_count) = {
             let mut pool = lock(&self.pools[own_slot]);
