@@ -8,6 +8,7 @@
 #                                       kubeconfig path (DIR/kubeconfig) when it is ready
 #   tests/k8s/env.sh stop DIR           stop that cluster's processes (by PID) and remove DIR
 #   tests/k8s/env.sh kubectl DIR ARGS   kubectl (the helper's, same version) against it
+#                                       (also DIR/kubectl, without the kubeconfig)
 #
 # Two DIRs are two clusters. Every port is a free one picked at start; nothing listens
 # beyond 127.0.0.1. Needs Go (the module proxy) for the first build, and openssl.
@@ -19,6 +20,9 @@ src="$here/testcluster"
 cache="${CL_K8S_CACHE:-$HOME/.cache/clusterlink-k8s}"
 
 log() { echo "k8s-env: $*" >&2; }
+
+# Go as the machines install it, also where PATH does not name it.
+[ -x /usr/local/go/bin/go ] && PATH="$PATH:/usr/local/go/bin"
 
 helper() {
   # The release the servers report (and derive their defaults from), as go.mod pins it.
@@ -140,6 +144,9 @@ start() {
     --v 1 > "$d/kube-apiserver.log" 2>&1 &
   echo $! >> "$d/pids"
   kubeconfig "$d" "$api"
+  # kubectl of the same release, for tests that take a kubectl path.
+  printf '#!/bin/sh\nexec "%s" kubectl "$@"\n' "$bin" > "$d/kubectl"
+  chmod +x "$d/kubectl"
   wait_for kube-apiserver 90 curl -sf --cacert "$d/ca.crt" --cert "$d/admin.crt" --key "$d/admin.key" \
     "https://127.0.0.1:$api/readyz" || { tail -50 "$d/kube-apiserver.log" >&2; stop "$d"; exit 1; }
   "$bin" kube-controller-manager \
