@@ -115,8 +115,7 @@ impl Pooled {
 /// One worker's pooled connections, by "peer@gateway".
 pub(super) type Pool = HashMap<String, Vec<Arc<Pooled>>>;
 
-/// Most streams a connection is chosen for ahead of another: the least busy usable
-/// one, uncongested ones first.
+/// The least busy of `conns`, uncongested ones first.
 fn least_busy<'a>(conns: impl Iterator<Item = &'a Arc<Pooled>>) -> Option<Arc<Pooled>> {
     conns
         .min_by_key(|c| (c.congested(), c.active.load(Ordering::Relaxed)))
@@ -161,9 +160,12 @@ impl Dialer {
             }
         }
         let own_slot = self.slot(worker);
-        let (own, own_count) = {
+        let (own, own_count) = 'own: {
             let mut pool = lock(&self.pools[own_slot]);
-            let conns = pool.entry(key.to_owned()).or_default();
+            // No entry is made here (a key per new stream): `add_pooled` makes it.
+            let Some(conns) = pool.get_mut(key) else {
+                break 'own (None, 0);
+            };
             conns.retain(live);
             // A worker keeps one idle connection to a gateway: extra ones (made for a
             // burst, for congestion or at the stream limit) leave the pool once idle
