@@ -38,6 +38,20 @@ pub enum Error {
     },
     #[error("--peer-label {0:?}: expected key=value")]
     Label(String),
+    #[error("--resources-dir is required with --platform local")]
+    NoResourcesDir,
+    #[error(transparent)]
+    Kubernetes(#[from] crate::k8s::Error),
+}
+
+/// Where the resources come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    /// A directory of YAML files (--resources-dir).
+    Local,
+    /// The Kubernetes API (KUBECONFIG, ~/.kube/config or in-cluster).
+    K8s,
 }
 
 /// cl-controlplane's flags; each has a `CL_` environment fallback.
@@ -54,9 +68,24 @@ pub struct Config {
     /// Admin address: /metrics, /ready, /api/... (resources with status).
     #[arg(long, env = "CL_CP_ADMIN_ADDR", default_value = "127.0.0.1:4446")]
     pub admin_addr: SocketAddr,
+    /// Where the resources come from.
+    #[arg(long, env = "CL_PLATFORM", value_enum, default_value = "local")]
+    pub platform: Platform,
     /// Directory of resource YAML files (the local platform's resource store).
     #[arg(long, env = "CL_RESOURCES_DIR")]
-    pub resources_dir: PathBuf,
+    pub resources_dir: Option<PathBuf>,
+    /// The ClusterLink namespace on Kubernetes: Peers, the jwk Secret, the Lease and
+    /// the import system Services live there.
+    #[arg(long, env = "CL_NAMESPACE", default_value = "clusterlink-system")]
+    pub namespace: String,
+    /// This replica's name on Kubernetes (Lease holder, Event reporter); defaults to
+    /// the host name and a random suffix.
+    #[arg(long, env = "CL_POD_NAME")]
+    pub identity: Option<String>,
+    /// Leader lease duration on Kubernetes, in seconds: a replica that stops renewing
+    /// is replaced within it.
+    #[arg(long, env = "CL_LEASE_DURATION_SECS", default_value_t = 15)]
+    pub lease_duration_secs: u64,
     /// Fabric CA certificate (PEM).
     #[arg(long, env = "CL_CA_FILE")]
     pub ca_file: PathBuf,
@@ -157,10 +186,13 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error
 
 pub async fn start(config: Config) -> Result<Running, Error> {
     let labels = parse_labels(&config.peer_labels)?;
-    std::fs::create_dir_all(&config.resources_dir).map_err(|source| Error::Io {
-        path: config.resources_dir.clone(),
-        source,
-    })?;
+    if config.platform == Platform::Local {
+        let dir = config.resources_dir.as_ref().ok_or(Error::NoResourcesDir)?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    }
     let tls = fabric::identity::watch_files(
         fabric::identity::CertPaths {
             ca: config.ca_file.clone(),
@@ -174,7 +206,25 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             }
         }),
     )?;
-    let key = token_key(config.token_key_file.as_deref())?;
+    let kube = match config.platform {
+        Platform::Local => None,
+        Platform::K8s => {
+            let identity = config.identity.clone().unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "cl-controlplane".into());
+                format!("{host}-{:08x}", rand::random::<u32>())
+            });
+            let kube = crate::k8s::Kube::connect(config.namespace.clone(), identity).await?;
+            let (leader, _task) =
+                crate::k8s::leader::elect(kube.clone(), config.lease_duration_secs).await?;
+            Some((kube, leader))
+        }
+    };
+    let key = match &kube {
+        None => token_key(config.token_key_file.as_deref())?,
+        Some((kube, _)) => crate::k8s::jwk::ensure(kube).await?,
+    };
     let core = Core::new(key, labels);
     let client = PeerClient::new(
         tls.clone(),
@@ -208,10 +258,31 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         .register(Box::new(services.authz.cache_hits.clone()));
     let (stop, stop_rx) = watch::channel(false);
 
-    let source = DirSource::start(
-        config.resources_dir.clone(),
-        Duration::from_millis(config.scan_interval_ms.max(10)),
-    );
+    let source: Box<dyn Source> = match (&kube, &config.resources_dir) {
+        (Some((kube, leader)), _) => {
+            let source =
+                crate::k8s::source::K8sSource::start(kube.clone(), core.clone(), leader.clone())
+                    .await?;
+            tokio::spawn(crate::k8s::jwk::follow(
+                kube.clone(),
+                core.clone(),
+                leader.clone(),
+            ));
+            tokio::spawn(crate::k8s::status::run(
+                kube.clone(),
+                core.clone(),
+                source.stores.clone(),
+                source.subscribe(),
+                leader.clone(),
+            ));
+            Box::new(source)
+        }
+        (None, Some(dir)) => Box::new(DirSource::start(
+            dir.clone(),
+            Duration::from_millis(config.scan_interval_ms.max(10)),
+        )),
+        (None, None) => return Err(Error::NoResourcesDir),
+    };
     let mut desired = source.subscribe();
     core.apply(desired.borrow_and_update().clone());
     let mut monitors = Monitors::new(core.clone(), client);

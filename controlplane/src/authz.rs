@@ -98,10 +98,14 @@ impl Authz {
         }
     }
 
-    /// Local source attributes: this peer's name and labels. Outside Kubernetes there
-    /// are no pods, so there are no client attributes.
-    fn source_attrs(&self, local: &str) -> Attrs {
-        let mut a = Attrs::new();
+    /// Local source attributes: this peer's name and labels, and on Kubernetes those
+    /// of the client pod at `client_ip` (outside Kubernetes there are no pods).
+    fn source_attrs(&self, local: &str, client_ip: &str) -> Attrs {
+        let mut a = client_ip
+            .parse()
+            .ok()
+            .and_then(|ip| self.core.pods.attributes(ip))
+            .unwrap_or_default();
         a.insert(pdp::PEER_NAME.into(), local.to_owned());
         for (k, v) in &self.core.local_labels {
             a.insert(format!("{}{k}", pdp::PEER_LABELS_PREFIX), v.clone());
@@ -146,7 +150,7 @@ impl Authz {
         let Some(scheme) = import.spec.scheme() else {
             return deny("unknown lbScheme");
         };
-        let src = self.source_attrs(local);
+        let src = self.source_attrs(local, &req.client_ip);
         let sources = &import.spec.sources;
         let mut cursor = self.counters.cursor(
             &format!("{}/{}", key.namespace, key.name),
@@ -375,7 +379,7 @@ impl Authz {
         }
         let expires = fabric::clock::unix_secs() + TOKEN_TTL_SECS;
         let token = fabric::token::mint(
-            self.core.token_key(),
+            &self.core.token_key(),
             &fabric::token::Claims {
                 sub: identity.to_owned(),
                 export_namespace: ns.to_owned(),

@@ -50,6 +50,8 @@ struct Inner {
     conditions: BTreeMap<Key, Vec<Condition>>,
     /// Keys of valid exports and of imports with a valid port.
     valid: std::collections::BTreeSet<Key>,
+    /// Where each valid export's connections go (its host, or its Service's address).
+    targets: BTreeMap<Key, String>,
 }
 
 /// The shared state. Readers take short read locks; nothing is held across I/O.
@@ -58,7 +60,9 @@ pub struct Core {
     inner: RwLock<Inner>,
     health: Mutex<HashMap<String, PeerHealth>>,
     epoch: std::sync::atomic::AtomicU64,
-    token_key: Vec<u8>,
+    token_key: RwLock<Vec<u8>>,
+    /// Client pods by address (Kubernetes only).
+    pub pods: crate::pods::Index,
     snapshot: watch::Sender<v1::Snapshot>,
     version: std::sync::atomic::AtomicU64,
     /// Bumped whenever a policy or a Peer changes: caches of tokens drop.
@@ -72,15 +76,34 @@ impl Core {
             inner: RwLock::new(Inner::default()),
             health: Mutex::new(HashMap::new()),
             epoch: std::sync::atomic::AtomicU64::new(1),
-            token_key,
+            token_key: RwLock::new(token_key),
+            pods: crate::pods::Index::default(),
             snapshot: watch::channel(v1::Snapshot::default()).0,
             version: std::sync::atomic::AtomicU64::new(0),
             changes: watch::channel(0).0,
         })
     }
 
-    pub fn token_key(&self) -> &[u8] {
-        &self.token_key
+    pub fn token_key(&self) -> Vec<u8> {
+        self.token_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the access-token key (the `jwk` Secret changed): tokens signed with
+    /// the old one stop verifying at the data planes with the next snapshot.
+    pub fn set_token_key(&self, key: Vec<u8>) {
+        {
+            let mut k = self.token_key.write().unwrap_or_else(|p| p.into_inner());
+            if *k == key {
+                return;
+            }
+            *k = key;
+        }
+        tracing::info!("access-token key replaced");
+        self.changes.send_modify(|n| *n += 1);
+        self.publish();
     }
 
     pub fn epoch(&self) -> u64 {
@@ -147,7 +170,11 @@ impl Core {
                 tracing::error!(%key, error = %e, "policy refused by the decision point");
             }
         }
-        let (mut conditions, valid) = conditions(&desired);
+        let Verdicts {
+            mut conditions,
+            valid,
+            targets,
+        } = conditions(&desired);
         let policy_or_peer_changed = {
             let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
             // A condition that did not change keeps its lastTransitionTime.
@@ -167,6 +194,7 @@ impl Core {
             inner.pdp = pdp;
             inner.conditions = conditions;
             inner.valid = valid;
+            inner.targets = targets;
             changed
         };
         if policy_or_peer_changed {
@@ -190,7 +218,7 @@ impl Core {
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
                 + 1,
             token_key: Some(v1::TokenKey {
-                key: self.token_key.clone(),
+                key: self.token_key(),
                 min_epoch: self.epoch(),
             }),
             ..Default::default()
@@ -210,7 +238,11 @@ impl Core {
                 Resource::Export(o) if inner.valid.contains(key) => s.exports.push(v1::Export {
                     namespace: key.namespace.clone(),
                     name: key.name.clone(),
-                    host: o.spec.host.clone(),
+                    host: inner
+                        .targets
+                        .get(key)
+                        .cloned()
+                        .unwrap_or_else(|| o.spec.host.clone()),
                     port: o.spec.port.into(),
                 }),
                 Resource::Import(o) if inner.valid.contains(key) => s.imports.push(v1::Import {
@@ -307,66 +339,173 @@ fn cond(type_: &str, ok: bool, reason: &str, message: String, now: &str) -> Cond
     }
 }
 
-/// Export and Import conditions for the local platform, and which are usable.
-fn conditions(
-    d: &Desired,
-) -> (
-    BTreeMap<Key, Vec<Condition>>,
-    std::collections::BTreeSet<Key>,
-) {
+struct Verdicts {
+    conditions: BTreeMap<Key, Vec<Condition>>,
+    valid: std::collections::BTreeSet<Key>,
+    targets: BTreeMap<Key, String>,
+}
+
+/// The name of the ClusterIP Service in the ClusterLink namespace `cl` that selects
+/// the data plane pods for import `ns/name`: the import's own name in `cl`, else
+/// `import-<name[..10]>-<ns[..10]>-<hash>` (ClusterLink's shape; SHA-256 where
+/// ClusterLink has MD5), 61 characters at most.
+pub fn system_service_name(cl: &str, ns: &str, name: &str) -> String {
+    if ns == cl {
+        return name.to_owned();
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{ns}/{name}").as_bytes());
+    let hex: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let cut = |s: &str| s.chars().take(10).collect::<String>();
+    format!("import-{}-{}-{hex}", cut(name), cut(ns))
+}
+
+/// The Services an import needs, (namespace, name): the system Service, and the user
+/// Service in the import's namespace unless that is the ClusterLink namespace.
+pub fn import_services(cl: &str, ns: &str, name: &str) -> Vec<(String, String)> {
+    let mut out = vec![(cl.to_owned(), system_service_name(cl, ns, name))];
+    if ns != cl {
+        out.push((ns.to_owned(), name.to_owned()));
+    }
+    out
+}
+
+/// Export and Import conditions, and which are usable. On the local platform an
+/// Export needs a host; on Kubernetes one without a host targets its Service (its
+/// cluster IP, or its DNS name when headless), and is valid only while the Service
+/// exists. Import port claims go by age (an older Import keeps its port) then key.
+fn conditions(d: &Desired) -> Verdicts {
     let now = now_rfc3339();
     let mut out = BTreeMap::new();
     let mut valid = std::collections::BTreeSet::new();
+    let mut targets = BTreeMap::new();
     let mut ports: HashMap<u16, &Key> = HashMap::new();
+    let mut imports: Vec<(
+        &Key,
+        &crate::resources::Object<crate::resources::ImportSpec>,
+    )> = d
+        .resources
+        .iter()
+        .filter_map(|(k, r)| match r {
+            Resource::Import(o) => Some((k, o)),
+            _ => None,
+        })
+        .collect();
+    imports.sort_by(|(ka, a), (kb, b)| {
+        (&a.metadata.creation_timestamp, ka).cmp(&(&b.metadata.creation_timestamp, kb))
+    });
     for (key, r) in &d.resources {
-        match r {
-            Resource::Export(o) => {
-                let problem = if o.spec.host.is_empty() {
-                    Some(
+        if let Resource::Export(o) = r {
+            let mut target = o.spec.host.clone();
+            let problem = if o.spec.port == 0 {
+                Some("spec.port must be 1-65535".to_owned())
+            } else if !o.spec.host.is_empty() {
+                None
+            } else {
+                match &d.services {
+                    None => Some(
                         "spec.host is required outside Kubernetes (there is no Service to export)"
                             .to_owned(),
-                    )
-                } else if o.spec.port == 0 {
-                    Some("spec.port must be 1-65535".to_owned())
-                } else {
-                    None
-                };
-                let c = match problem {
-                    None => {
-                        valid.insert(key.clone());
-                        cond("ExportValid", true, "Verified", String::new(), &now)
+                    ),
+                    Some(services) => {
+                        match services.get(&(key.namespace.clone(), key.name.clone())) {
+                            None => Some(format!(
+                                "export service '{}/{}' does not exist",
+                                key.namespace, key.name
+                            )),
+                            Some(svc) => {
+                                target = svc.cluster_ip.clone().unwrap_or_else(|| {
+                                    format!("{}.{}.svc.cluster.local", key.name, key.namespace)
+                                });
+                                None
+                            }
+                        }
                     }
-                    Some(m) => cond("ExportValid", false, "Error", m, &now),
-                };
-                out.insert(key.clone(), vec![c]);
-            }
-            Resource::Import(o) => {
-                let port = o.spec.listen_port();
-                let conflict = ports.get(&port).map(|k| (*k).clone());
-                let c = match conflict {
-                    None => {
-                        ports.insert(port, key);
-                        valid.insert(key.clone());
-                        vec![
-                            cond("ImportTargetPortValid", true, "Leased", String::new(), &now),
-                            cond("ImportServiceValid", true, "Valid", String::new(), &now),
-                        ]
-                    }
-                    Some(other) => {
-                        let m = format!(
-                            "cannot generate listening port: port {port} is already in use by service {}/{}",
-                            other.namespace, other.name
-                        );
-                        vec![
-                            cond("ImportTargetPortValid", false, "Error", m.clone(), &now),
-                            cond("ImportServiceValid", false, "Error", m, &now),
-                        ]
-                    }
-                };
-                out.insert(key.clone(), c);
-            }
-            _ => {}
+                }
+            };
+            let c = match problem {
+                None => {
+                    valid.insert(key.clone());
+                    targets.insert(key.clone(), target);
+                    cond("ExportValid", true, "Verified", String::new(), &now)
+                }
+                Some(m) => cond("ExportValid", false, "Error", m, &now),
+            };
+            out.insert(key.clone(), vec![c]);
         }
     }
-    (out, valid)
+    for (key, o) in imports {
+        let port = o.spec.listen_port();
+        let on_k8s = d.services.as_ref().zip(d.namespace.as_deref());
+        let pending = on_k8s.is_some() && o.spec.target_port == 0;
+        let conflict = ports.get(&port).map(|k| (*k).clone());
+        let c = if pending {
+            let m = "waiting for the leader to allocate spec.targetPort".to_owned();
+            vec![
+                cond("ImportTargetPortValid", false, "Pending", m.clone(), &now),
+                cond("ImportServiceValid", false, "Pending", m, &now),
+            ]
+        } else if let Some(other) = conflict {
+            let m = format!(
+                "cannot generate listening port: port {port} is already in use by service {}/{}",
+                other.namespace, other.name
+            );
+            vec![
+                cond("ImportTargetPortValid", false, "Error", m.clone(), &now),
+                cond("ImportServiceValid", false, "Error", m, &now),
+            ]
+        } else {
+            ports.insert(port, key);
+            valid.insert(key.clone());
+            let service = match on_k8s {
+                None => Ok(()),
+                Some((services, cl)) => service_problem(services, cl, key),
+            };
+            vec![
+                cond("ImportTargetPortValid", true, "Leased", String::new(), &now),
+                match service {
+                    Ok(()) => cond("ImportServiceValid", true, "Valid", String::new(), &now),
+                    Err((reason, m)) => cond("ImportServiceValid", false, reason, m, &now),
+                },
+            ]
+        };
+        out.insert(key.clone(), c);
+    }
+    Verdicts {
+        conditions: out,
+        valid,
+        targets,
+    }
+}
+
+/// Whether the Services of an import exist and are its own.
+fn service_problem(
+    services: &BTreeMap<(String, String), crate::store::ServiceInfo>,
+    cl: &str,
+    key: &Key,
+) -> Result<(), (&'static str, String)> {
+    let me = (key.namespace.clone(), key.name.clone());
+    let mut missing = None;
+    for (ns, name) in import_services(cl, &key.namespace, &key.name) {
+        match services.get(&(ns.clone(), name.clone())) {
+            None => missing = missing.or(Some(format!("service '{ns}/{name}' is being created"))),
+            Some(svc) if svc.import_owner.as_ref() != Some(&me) => {
+                let by = match &svc.import_owner {
+                    Some((ons, oname)) => format!("import {ons}/{oname}"),
+                    None => "someone else (no ClusterLink import labels)".to_owned(),
+                };
+                return Err((
+                    "Error",
+                    format!("service '{ns}/{name}' already exists and managed by {by}"),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    match missing {
+        Some(m) => Err(("Pending", m)),
+        None => Ok(()),
+    }
 }

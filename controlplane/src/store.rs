@@ -21,6 +21,21 @@ pub struct Desired {
     pub resources: BTreeMap<Key, Resource>,
     /// Problems found in the last scan, for status and logs.
     pub errors: Vec<SourceError>,
+    /// On Kubernetes, the Services of the cluster by (namespace, name); `None` on the
+    /// local platform, which has none. An Export without `spec.host` targets its
+    /// Service; an Import's Services must not be taken by someone else's.
+    pub services: Option<BTreeMap<(String, String), ServiceInfo>>,
+    /// On Kubernetes, the ClusterLink namespace (where Peers and system Services live).
+    pub namespace: Option<String>,
+}
+
+/// What the control plane needs to know of a Kubernetes Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// The cluster IP, if it has one (not headless, not ExternalName).
+    pub cluster_ip: Option<String>,
+    /// The Import that owns it (namespace, name), from the ClusterLink labels.
+    pub import_owner: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

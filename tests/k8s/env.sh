@@ -138,14 +138,14 @@ start() {
     --client-ca-file "$d/ca.crt" \
     --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$d/sa.pub" --service-account-signing-key-file "$d/sa.key" \
-    --service-cluster-ip-range 10.96.0.0/16 \
+    --service-cluster-ip-range "${CL_TEST_SERVICE_CIDR:-127.96.0.0/16}" \
     --authorization-mode RBAC \
     --enable-priority-and-fairness=false \
     --v 1 > "$d/kube-apiserver.log" 2>&1 &
   echo $! >> "$d/pids"
   kubeconfig "$d" "$api"
   # kubectl of the same release, for tests that take a kubectl path.
-  printf '#!/bin/sh\nexec "%s" kubectl "$@"\n' "$bin" > "$d/kubectl"
+  printf '#!/bin/sh\nexport KUBECONFIG="${KUBECONFIG:-%s}"\nexec "%s" kubectl "$@"\n' "$d/kubeconfig" "$bin" > "$d/kubectl"
   chmod +x "$d/kubectl"
   wait_for kube-apiserver 90 curl -sf --cacert "$d/ca.crt" --cert "$d/admin.crt" --key "$d/admin.key" \
     "https://127.0.0.1:$api/readyz" || { tail -50 "$d/kube-apiserver.log" >&2; stop "$d"; exit 1; }
@@ -155,7 +155,7 @@ start() {
     --bind-address 127.0.0.1 --secure-port 0 \
     --leader-elect=false \
     --service-account-private-key-file "$d/sa.key" --root-ca-file "$d/ca.crt" \
-    --service-cluster-ip-range 10.96.0.0/16 \
+    --service-cluster-ip-range "${CL_TEST_SERVICE_CIDR:-127.96.0.0/16}" \
     --v 1 > "$d/kube-controller-manager.log" 2>&1 &
   echo $! >> "$d/pids"
   # The default ServiceAccount shows that the controllers run.

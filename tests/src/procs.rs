@@ -107,10 +107,22 @@ pub struct ProcPeer {
     pub dp_admin: u16,
     pub cp: Proc,
     pub dp: Proc,
+    /// Set: the control plane runs with `--platform k8s` on this cluster.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl ProcPeer {
     pub async fn start(fabric: &Fabric, root: &Path, name: &str) -> Result<ProcPeer> {
+        Self::start_on(fabric, root, name, None).await
+    }
+
+    /// As `start`, with the control plane on a Kubernetes API when `kubeconfig` is set.
+    pub async fn start_on(
+        fabric: &Fabric,
+        root: &Path,
+        name: &str,
+        kubeconfig: Option<&Path>,
+    ) -> Result<ProcPeer> {
         let dir = root.join(name);
         let files = PeerFiles::write(&dir, &fabric.ca_pem, &fabric.issue(name)?)?;
         std::fs::create_dir_all(dir.join("resources"))?;
@@ -124,6 +136,7 @@ impl ProcPeer {
             dp_admin: 0,
             cp: Proc(None),
             dp: Proc(None),
+            kubeconfig: kubeconfig.map(Path::to_path_buf),
         };
         // A probed port can be taken (by another test's connection) before the process
         // binds it; such a start is retried on new ports.
@@ -153,14 +166,20 @@ impl ProcPeer {
 
     pub fn start_cp(&mut self) -> Result<()> {
         let log = self.dir.join("cl-controlplane.log");
+        let mut cmd = Command::new(binary("cl-controlplane")?);
+        match &self.kubeconfig {
+            Some(k) => cmd
+                .env("KUBECONFIG", k)
+                .args(["--platform", "k8s", "--lease-duration-secs", "4"])
+                .arg("--identity")
+                .arg(format!("{}-{}", self.name, self.cp_admin)),
+            None => cmd.arg("--resources-dir").arg(self.resources()),
+        };
         self.cp = Proc::spawn(
-            Command::new(binary("cl-controlplane")?)
-                .arg("--grpc-addr")
+            cmd.arg("--grpc-addr")
                 .arg(format!("127.0.0.1:{}", self.grpc))
                 .arg("--admin-addr")
                 .arg(format!("127.0.0.1:{}", self.cp_admin))
-                .arg("--resources-dir")
-                .arg(self.resources())
                 .arg("--token-key-file")
                 .arg(self.dir.join("token.key"))
                 .arg("--ca-file")

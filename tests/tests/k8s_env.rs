@@ -1,8 +1,8 @@
-//! The Kubernetes test environment itself (`tests/k8s/env.sh`): a real kube-apiserver
-//! with ClusterLink's own CRDs, as `.ci/run` starts it. These tests check the harness
-//! the Kubernetes platform is being built on (CRDs established, server-side apply of
-//! ClusterLink's samples, CEL validation enforced, namespace deletion by the
-//! controller manager), not yet our control plane.
+//! The Kubernetes test environment itself (`tests/k8s/env.sh`): a real kube-apiserver,
+//! as `.ci/run` starts it, with our CRDs (`deploy/crds/`). These tests check the CRDs
+//! (ClusterLink's samples apply unchanged, server-side; printer columns; enum and CEL
+//! validation enforced) and the harness (namespace deletion by the controller
+//! manager). The control plane on it is tested in `k8s_e2e.rs`.
 //!
 //! They need `CL_TEST_KUBECONFIG` and `CL_TEST_KUBECTL` (set by `.ci/run`, or by hand:
 //! `tests/k8s/env.sh start DIR`, then `DIR/kubeconfig` and `DIR/kubectl`). Without them they skip
@@ -72,8 +72,9 @@ fn manifests() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/clusterlink-manifests")
 }
 
+/// Our CRDs (`deploy/crds/`, generated from the `crds` crate), established.
 fn crds_established(c: &Cluster) -> Result<()> {
-    let crds = manifests().join("crds");
+    let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
     let crds = crds.to_str().context("path")?;
     c.ok(&["apply", "--server-side", "-f", crds])?;
     c.ok(&[
@@ -86,42 +87,90 @@ fn crds_established(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// ClusterLink's sample manifests (all but the policy unit-test inputs in `pdp/`),
+/// with the demos' `${VAR}` placeholders substituted as their scripts do.
+fn samples() -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for dir in ["bookinfo", "iperf3", "nginx", "speedtest", "website"] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(manifests().join("samples").join(dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f)?;
+            let mut subst = String::new();
+            let mut rest = text.as_str();
+            while let Some(i) = rest.find("${") {
+                subst.push_str(&rest[..i]);
+                let end = rest[i..].find('}').context("unclosed ${")?;
+                subst.push_str("127.0.0.1");
+                rest = &rest[i + end + 1..];
+            }
+            subst.push_str(rest);
+            let name = f
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            out.push((format!("{dir}/{name}"), subst));
+        }
+    }
+    Ok(out)
+}
+
 #[test]
-fn clusterlink_crds_and_samples_apply_server_side() -> Result<()> {
-    let Some(c) = Cluster::from_env("clusterlink_crds_and_samples_apply_server_side")? else {
+fn clusterlink_samples_apply_server_side_against_our_crds() -> Result<()> {
+    let Some(c) = Cluster::from_env("clusterlink_samples_apply_server_side_against_our_crds")?
+    else {
         return Ok(());
     };
     crds_established(&c)?;
-    // Unchanged, into the namespace they name (default).
-    let samples = manifests().join("samples/bookinfo");
-    let files: Vec<String> = [
-        "export-reviews.yaml",
-        "import-reviews.yaml",
-        "allow-policy.yaml",
-    ]
-    .iter()
-    .map(|f| samples.join(f).to_string_lossy().into_owned())
-    .collect();
-    for f in &files {
-        c.ok(&["apply", "--server-side", "-f", f])?;
+    // Peers live in the ClusterLink namespace; the rest in the namespace they name.
+    let o = c.run(&["create", "namespace", "clusterlink-system"], None)?;
+    ensure!(
+        o.status.success() || String::from_utf8_lossy(&o.stderr).contains("AlreadyExists"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let samples = samples()?;
+    ensure!(samples.len() >= 20, "only {} samples found", samples.len());
+    for (name, text) in &samples {
+        let o = c.run(&["apply", "--server-side", "-f", "-"], Some(text))?;
+        ensure!(
+            o.status.success(),
+            "sample {name} refused: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
-    let got = c.ok(&[
-        "get",
-        "exports,imports,accesspolicies",
-        "-n",
-        "default",
-        "-o",
-        "name",
-    ])?;
-    for want in [
-        "export.clusterlink.net/reviews",
-        "import.clusterlink.net/reviews",
-        "accesspolicy.clusterlink.net/allow-policy",
+    let table = c.ok(&["get", "peers,exports,imports", "-A"])?;
+    for header in [
+        "REACHABLE",
+        "SINCE",
+        "HOST",
+        "PORT",
+        "TARGET PORT",
+        "VALID",
+        "AGE",
     ] {
-        ensure!(got.contains(want), "{want} missing from:\n{got}");
+        ensure!(table.contains(header), "{header} missing from:\n{table}");
     }
-    for f in &files {
-        c.ok(&["delete", "-f", f])?;
+    for row in [
+        "peer.clusterlink.net/cluster17.us-east",
+        "export.clusterlink.net/reviews",
+        "import.clusterlink.net/nginx-relay",
+    ] {
+        ensure!(table.contains(row), "{row} missing from:\n{table}");
+    }
+    // Import's lbScheme has an enum now: a value ClusterLink would store is refused.
+    let bad = "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata: {name: bad-lb, namespace: default}\nspec: {port: 80, lbScheme: fastest, sources: []}\n";
+    let o = c.run(&["apply", "--server-side", "-f", "-"], Some(bad))?;
+    ensure!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("lbScheme"),
+        "lbScheme fastest accepted: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for (_, text) in &samples {
+        c.run(&["delete", "--ignore-not-found", "-f", "-"], Some(text))?;
     }
     Ok(())
 }

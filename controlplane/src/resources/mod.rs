@@ -13,7 +13,7 @@ mod parse;
 mod validate;
 
 pub use parse::{
-    parse_documents, parse_stream, Doc, Stream, MAX_FLOW_OPENERS, MAX_STREAM_BYTES,
+    parse_documents, parse_object, parse_stream, Doc, Stream, MAX_FLOW_OPENERS, MAX_STREAM_BYTES,
     MAX_STREAM_NODES,
 };
 pub use validate::validate;
@@ -46,6 +46,12 @@ pub struct Metadata {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Set by the API server: orders claims (an older Import keeps its port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+    /// Set by the API server: written back as conditions' `observedGeneration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
     // Anything else a `kubectl get -o yaml` leaves (uid, creationTimestamp, ...) is
     // accepted and ignored.
 }

@@ -293,6 +293,16 @@ pub fn parse_documents(text: &str) -> Vec<Result<Resource, Error>> {
     out
 }
 
+/// One object as the Kubernetes API returns it (JSON), parsed and validated exactly as
+/// a document of a YAML file is. `status` and server-set metadata are ignored.
+pub fn parse_object(object: &serde_json::Value) -> Result<Resource, Error> {
+    let value = serde_yaml_ng::to_value(object).map_err(|e| Error::Parse {
+        doc: 1,
+        message: e.to_string(),
+    })?;
+    parse_value(value, 1)
+}
+
 /// Kind, namespace and name of a document, read leniently.
 fn loose_key(doc: &serde_yaml_ng::Value) -> Option<Key> {
     let kind = Kind::from_user(doc.get("kind")?.as_str()?)?;

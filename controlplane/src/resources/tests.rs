@@ -1222,3 +1222,55 @@ items: {}
     ));
     Ok(())
 }
+
+/// The CRD types (`crds`, the API server's schema) and this model read ClusterLink's
+/// samples alike: each sample, through the CRD type and back to JSON, parses to the
+/// same resource as the sample itself.
+#[test]
+fn crd_types_and_resources_agree_on_the_samples() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/reference/clusterlink-manifests/samples");
+    let mut checked = 0;
+    for dir in ["bookinfo", "iperf3", "nginx", "speedtest", "website"] {
+        for entry in std::fs::read_dir(root.join(dir)).expect("test input") {
+            // The demos substitute `${VAR}` (gateway hosts) before applying.
+            let raw =
+                std::fs::read_to_string(entry.expect("test input").path()).expect("test input");
+            let mut text = String::new();
+            let mut rest = raw.as_str();
+            while let Some(at) = rest.find("${") {
+                let end = rest[at..].find('}').expect("test input");
+                text.push_str(&rest[..at]);
+                text.push_str("127.0.0.1");
+                rest = &rest[at + end + 1..];
+            }
+            text.push_str(rest);
+            for r in parse_documents(&text) {
+                let r = r.unwrap_or_else(|e| panic!("{dir}: {e}"));
+                let json = r.to_json();
+                let through = match r.kind() {
+                    Kind::Peer => serde_json::to_value(
+                        serde_json::from_value::<crds::Peer>(json).expect("test input"),
+                    ),
+                    Kind::Export => serde_json::to_value(
+                        serde_json::from_value::<crds::Export>(json).expect("test input"),
+                    ),
+                    Kind::Import => serde_json::to_value(
+                        serde_json::from_value::<crds::Import>(json).expect("test input"),
+                    ),
+                    Kind::AccessPolicy => serde_json::to_value(
+                        serde_json::from_value::<crds::AccessPolicy>(json).expect("test input"),
+                    ),
+                    Kind::PrivilegedAccessPolicy => serde_json::to_value(
+                        serde_json::from_value::<crds::PrivilegedAccessPolicy>(json)
+                            .expect("test input"),
+                    ),
+                }
+                .expect("test input");
+                assert_eq!(parse_object(&through).expect("test input"), r, "{dir}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "{checked} samples");
+}

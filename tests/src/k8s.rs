@@ -1,0 +1,168 @@
+//! A Kubernetes API server of our own for a test (`tests/k8s/env.sh start DIR`), with
+//! our CRDs installed and the ClusterLink namespace made; stopped when dropped. The
+//! tests that need one skip with a message when the environment has no test cluster
+//! helper (`CL_TEST_KUBECTL` unset), except under CI, where they fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, ensure, Context as _, Result};
+
+use crate::TempDir;
+
+pub struct KubeCluster {
+    pub dir: TempDir,
+    net: u8,
+    pub kubeconfig: PathBuf,
+    kubectl: PathBuf,
+}
+
+fn env_sh() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("k8s/env.sh")
+}
+
+/// Whether tests may start clusters here: `Ok(false)` (skip) outside CI without one.
+pub fn available(test: &str) -> Result<bool> {
+    if std::env::var_os("CL_TEST_KUBECTL").is_some() {
+        return Ok(true);
+    }
+    if std::env::var_os("CI").is_some() {
+        bail!("{test}: CL_TEST_KUBECTL must be set under CI (.ci/run builds the test API server)");
+    }
+    eprintln!("{test}: skipped: no test cluster helper (see tests/k8s/env.sh; CL_TEST_KUBECTL)");
+    Ok(false)
+}
+
+static STARTED: AtomicU32 = AtomicU32::new(0);
+
+impl KubeCluster {
+    /// A fresh API server (etcd, kube-apiserver, kube-controller-manager), our CRDs
+    /// established, namespace `clusterlink-system`. Service cluster IPs are loopback
+    /// addresses (127.N.0.0/16, N different for each cluster of this process), so a
+    /// test can serve on a Service's cluster IP as kube-proxy would make it reachable.
+    pub fn start(name: &str) -> Result<KubeCluster> {
+        let dir = TempDir::new(&format!("k8s-{name}"))?;
+        let n = 100 + (STARTED.fetch_add(1, Ordering::Relaxed) % 150) as u8;
+        let out = Command::new("bash")
+            .arg(env_sh())
+            .arg("start")
+            .arg(dir.path())
+            .env("CL_TEST_SERVICE_CIDR", format!("127.{n}.0.0/16"))
+            .stdin(Stdio::null())
+            .output()
+            .context("running tests/k8s/env.sh")?;
+        let c = KubeCluster {
+            net: n,
+            kubeconfig: dir.path().join("kubeconfig"),
+            kubectl: dir.path().join("kubectl"),
+            dir,
+        };
+        ensure!(
+            out.status.success(),
+            "env.sh start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+        let crds = crds.to_str().context("path")?;
+        c.ok(&["apply", "--server-side", "-f", crds])?;
+        c.ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            crds,
+        ])?;
+        c.ok(&["create", "namespace", "clusterlink-system"])?;
+        Ok(c)
+    }
+
+    /// An address of this cluster's Service range (`127.N.0.i`), for a Service with
+    /// an explicit cluster IP; `i` from 10 up (the API server takes .1 itself).
+    pub fn service_ip(&self, i: u8) -> String {
+        format!("127.{}.0.{i}", self.net)
+    }
+
+    pub fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        use std::io::Write as _;
+        let mut child = Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(stdin.unwrap_or("").as_bytes())?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    /// kubectl `args`, which must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        let o = self.run(args, None)?;
+        ensure!(
+            o.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    /// `kubectl apply --server-side -f -` of `yaml`.
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        let o = self.run(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            Some(yaml),
+        )?;
+        ensure!(
+            o.status.success(),
+            "kubectl apply failed: {}\n{yaml}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(())
+    }
+
+    /// A JSONPath of one object (`kubectl get KIND NAME -n NS -o jsonpath=...`);
+    /// empty when the object or the field is missing.
+    pub fn jsonpath(&self, kind: &str, ns: &str, name: &str, path: &str) -> Result<String> {
+        let o = self.run(
+            &[
+                "get",
+                kind,
+                name,
+                "-n",
+                ns,
+                "-o",
+                &format!("jsonpath={path}"),
+            ],
+            None,
+        )?;
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for KubeCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(env_sh())
+            .arg("stop")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `status` of condition `ty` (jsonpath filter).
+pub fn condition(ty: &str) -> String {
+    format!("{{.status.conditions[?(@.type==\"{ty}\")].status}}")
+}
