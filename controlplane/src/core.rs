@@ -436,9 +436,9 @@ fn conditions(d: &Desired) -> Verdicts {
             out.insert(key.clone(), vec![c]);
         }
     }
+    let on_k8s = d.services.as_ref().zip(d.namespace.as_deref());
     for (key, o) in imports {
         let port = o.spec.listen_port();
-        let on_k8s = d.services.as_ref().zip(d.namespace.as_deref());
         let pending = on_k8s.is_some() && o.spec.target_port == 0;
         let conflict = ports.get(&port).map(|k| (*k).clone());
         let c = if pending {

@@ -1,7 +1,8 @@
-//! A Kubernetes API server of our own for a test (`tests/k8s/env.sh start DIR`), with
-//! our CRDs installed and the ClusterLink namespace made; stopped when dropped. The
-//! tests that need one skip with a message when the environment has no test cluster
-//! helper (`CL_TEST_KUBECTL` unset), except under CI, where they fail.
+//! Kubernetes API servers for tests (`tests/k8s/env.sh`): `Kubectl` drives one (the
+//! shared cluster `.ci/run` starts, or one of a test's own), and `KubeCluster` starts
+//! a fresh one with our CRDs installed and the ClusterLink namespace made, stopped
+//! when dropped. The tests that need one skip with a message when the environment
+//! has no test cluster (`CL_TEST_KUBECTL` unset), except under CI, where they fail.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -11,77 +12,46 @@ use anyhow::{bail, ensure, Context as _, Result};
 
 use crate::TempDir;
 
-pub struct KubeCluster {
-    pub dir: TempDir,
-    net: u8,
-    pub kubeconfig: PathBuf,
-    kubectl: PathBuf,
-}
-
 fn env_sh() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("k8s/env.sh")
 }
 
-/// Whether tests may start clusters here: `Ok(false)` (skip) outside CI without one.
+/// Whether the environment has a test cluster: `Ok(false)` (skip, with a message)
+/// outside CI without one, an error under CI.
 pub fn available(test: &str) -> Result<bool> {
     if std::env::var_os("CL_TEST_KUBECTL").is_some() {
         return Ok(true);
     }
     if std::env::var_os("CI").is_some() {
-        bail!("{test}: CL_TEST_KUBECTL must be set under CI (.ci/run builds the test API server)");
+        bail!("{test}: CL_TEST_KUBECTL must be set under CI (.ci/run builds and starts the test API server)");
     }
-    eprintln!("{test}: skipped: no test cluster helper (see tests/k8s/env.sh; CL_TEST_KUBECTL)");
+    eprintln!("{test}: skipped: no test cluster (CL_TEST_KUBECTL; see tests/k8s/env.sh)");
     Ok(false)
 }
 
-static STARTED: AtomicU32 = AtomicU32::new(0);
+/// kubectl on one cluster.
+pub struct Kubectl {
+    pub kubectl: PathBuf,
+    pub kubeconfig: PathBuf,
+}
 
-impl KubeCluster {
-    /// A fresh API server (etcd, kube-apiserver, kube-controller-manager), our CRDs
-    /// established, namespace `clusterlink-system`. Service cluster IPs are loopback
-    /// addresses (127.N.0.0/16, N different for each cluster of this process), so a
-    /// test can serve on a Service's cluster IP as kube-proxy would make it reachable.
-    pub fn start(name: &str) -> Result<KubeCluster> {
-        let dir = TempDir::new(&format!("k8s-{name}"))?;
-        let n = 100 + (STARTED.fetch_add(1, Ordering::Relaxed) % 150) as u8;
-        let out = Command::new("bash")
-            .arg(env_sh())
-            .arg("start")
-            .arg(dir.path())
-            .env("CL_TEST_SERVICE_CIDR", format!("127.{n}.0.0/16"))
-            .stdin(Stdio::null())
-            .output()
-            .context("running tests/k8s/env.sh")?;
-        let c = KubeCluster {
-            net: n,
-            kubeconfig: dir.path().join("kubeconfig"),
-            kubectl: dir.path().join("kubectl"),
-            dir,
-        };
-        ensure!(
-            out.status.success(),
-            "env.sh start failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
-        let crds = crds.to_str().context("path")?;
-        c.ok(&["apply", "--server-side", "-f", crds])?;
-        c.ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "-f",
-            crds,
-        ])?;
-        c.ok(&["create", "namespace", "clusterlink-system"])?;
-        Ok(c)
-    }
-
-    /// An address of this cluster's Service range (`127.N.0.i`), for a Service with
-    /// an explicit cluster IP; `i` from 10 up (the API server takes .1 itself).
-    pub fn service_ip(&self, i: u8) -> String {
-        format!("127.{}.0.{i}", self.net)
+impl Kubectl {
+    /// The environment's shared cluster (`CL_TEST_KUBECTL`, `CL_TEST_KUBECONFIG`, as
+    /// `.ci/run` sets them); `None` (skip) as `available` says.
+    pub fn from_env(test: &str) -> Result<Option<Kubectl>> {
+        if !available(test)? {
+            return Ok(None);
+        }
+        match (
+            std::env::var_os("CL_TEST_KUBECTL"),
+            std::env::var_os("CL_TEST_KUBECONFIG"),
+        ) {
+            (Some(k), Some(c)) => Ok(Some(Kubectl {
+                kubectl: k.into(),
+                kubeconfig: c.into(),
+            })),
+            _ => bail!("{test}: CL_TEST_KUBECONFIG must be set with CL_TEST_KUBECTL"),
+        }
     }
 
     pub fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
@@ -144,8 +114,83 @@ impl KubeCluster {
         Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
     }
 
+    /// Our CRDs (`deploy/crds/`, generated from the `crds` crate), applied and
+    /// established.
+    pub fn install_crds(&self) -> Result<()> {
+        let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+        let crds = crds.to_str().context("path")?;
+        self.ok(&["apply", "--server-side", "-f", crds])?;
+        self.ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            crds,
+        ])?;
+        Ok(())
+    }
+}
+
+/// A test's own API server.
+pub struct KubeCluster {
+    kubectl: Kubectl,
+    net: u8,
+    pub dir: TempDir,
+}
+
+static STARTED: AtomicU32 = AtomicU32::new(0);
+
+impl KubeCluster {
+    /// A fresh API server (etcd, kube-apiserver, kube-controller-manager), our CRDs
+    /// established, namespace `clusterlink-system`. Service cluster IPs are loopback
+    /// addresses (127.N.0.0/16, N different for each cluster of this process), so a
+    /// test can serve on a Service's cluster IP as kube-proxy would make it reachable.
+    pub fn start(name: &str) -> Result<KubeCluster> {
+        let dir = TempDir::new(&format!("k8s-{name}"))?;
+        let net = 100 + (STARTED.fetch_add(1, Ordering::Relaxed) % 150) as u8;
+        let out = Command::new("bash")
+            .arg(env_sh())
+            .arg("start")
+            .arg(dir.path())
+            .env("CL_TEST_SERVICE_CIDR", format!("127.{net}.0.0/16"))
+            .stdin(Stdio::null())
+            .output()
+            .context("running tests/k8s/env.sh")?;
+        let c = KubeCluster {
+            kubectl: Kubectl {
+                kubectl: dir.path().join("kubectl"),
+                kubeconfig: dir.path().join("kubeconfig"),
+            },
+            net,
+            dir,
+        };
+        ensure!(
+            out.status.success(),
+            "env.sh start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.install_crds()?;
+        c.ok(&["create", "namespace", "clusterlink-system"])?;
+        Ok(c)
+    }
+
+    /// An address of this cluster's Service range (`127.N.0.i`), for a Service with
+    /// an explicit cluster IP; `i` from 10 up (the API server takes .1 itself).
+    pub fn service_ip(&self, i: u8) -> String {
+        format!("127.{}.0.{i}", self.net)
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+impl std::ops::Deref for KubeCluster {
+    type Target = Kubectl;
+
+    fn deref(&self) -> &Kubectl {
+        &self.kubectl
     }
 }
 

@@ -113,25 +113,20 @@ async fn flows(addr: std::net::SocketAddr) -> Result<()> {
     Ok(())
 }
 
-async fn until(c: &KubeCluster, kind: &str, name: &str, path: &str, want: &str) -> Result<()> {
-    retry(
-        &format!("{kind} {name} {path} == {want:?}"),
-        WAIT,
-        || async {
-            let got = c.jsonpath(
-                kind,
-                if kind == "peer" {
-                    "clusterlink-system"
-                } else {
-                    "default"
-                },
-                name,
-                path,
-            )?;
-            ensure!(got == want, "is {got:?}");
-            Ok(())
-        },
-    )
+/// Waits until condition `ty` of `kind`/`name` (Peers in the ClusterLink namespace,
+/// the rest in `default`) has status `want`.
+async fn until(c: &KubeCluster, kind: &str, name: &str, ty: &str, want: &str) -> Result<()> {
+    let ns = if kind == "peer" {
+        "clusterlink-system"
+    } else {
+        "default"
+    };
+    let path = condition(ty);
+    retry(&format!("{kind} {name} {ty} == {want:?}"), WAIT, || async {
+        let got = c.jsonpath(kind, ns, name, &path)?;
+        ensure!(got == want, "is {got:?}");
+        Ok(())
+    })
     .await
 }
 
@@ -143,24 +138,10 @@ async fn k8s_connectivity_import_services_and_status() -> Result<()> {
     let (target, _) = p.echo_import().await?;
 
     // Status written back by each side's leader.
-    until(&p.b, "export", "echo", &condition("ExportValid"), "True").await?;
-    until(
-        &p.a,
-        "import",
-        "echo",
-        &condition("ImportTargetPortValid"),
-        "True",
-    )
-    .await?;
-    until(
-        &p.a,
-        "import",
-        "echo",
-        &condition("ImportServiceValid"),
-        "True",
-    )
-    .await?;
-    until(&p.a, "peer", "peer-b", &condition("PeerReachable"), "True").await?;
+    until(&p.b, "export", "echo", "ExportValid", "True").await?;
+    until(&p.a, "import", "echo", "ImportTargetPortValid", "True").await?;
+    until(&p.a, "import", "echo", "ImportServiceValid", "True").await?;
+    until(&p.a, "peer", "peer-b", "PeerReachable", "True").await?;
     let generation =
         p.a.jsonpath("import", "default", "echo", "{.metadata.generation}")?;
     let observed = p.a.jsonpath(
@@ -248,7 +229,7 @@ async fn k8s_peer_reachable_follows_the_remote_data_plane() -> Result<()> {
     let Some(mut p) = Pair::start("k8s-reachable").await? else {
         return Ok(());
     };
-    until(&p.a, "peer", "peer-b", &condition("PeerReachable"), "True").await?;
+    until(&p.a, "peer", "peer-b", "PeerReachable", "True").await?;
     let since = p.a.jsonpath(
         "peer",
         "clusterlink-system",
@@ -256,7 +237,7 @@ async fn k8s_peer_reachable_follows_the_remote_data_plane() -> Result<()> {
         "{.status.conditions[0].lastTransitionTime}",
     )?;
     p.pb.dp.kill();
-    until(&p.a, "peer", "peer-b", &condition("PeerReachable"), "False").await?;
+    until(&p.a, "peer", "peer-b", "PeerReachable", "False").await?;
     let reason = p.a.jsonpath(
         "peer",
         "clusterlink-system",
@@ -273,7 +254,7 @@ async fn k8s_peer_reachable_follows_the_remote_data_plane() -> Result<()> {
     ensure!(later != since, "lastTransitionTime did not move: {since}");
     p.pb.start_dp()?;
     p.pb.wait_ready().await?;
-    until(&p.a, "peer", "peer-b", &condition("PeerReachable"), "True").await?;
+    until(&p.a, "peer", "peer-b", "PeerReachable", "True").await?;
     Ok(())
 }
 
@@ -299,7 +280,7 @@ async fn k8s_export_without_host_follows_its_service() -> Result<()> {
     p.b.apply(&format!(
         "apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata: {{name: web, namespace: default}}\nspec: {{port: {port}}}\n"
     ))?;
-    until(&p.b, "export", "web", &condition("ExportValid"), "False").await?;
+    until(&p.b, "export", "web", "ExportValid", "False").await?;
     let msg = p.b.jsonpath(
         "export",
         "default",
@@ -326,11 +307,11 @@ async fn k8s_export_without_host_follows_its_service() -> Result<()> {
     p.b.apply(&format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{port: {port}}}]}}\n"
     ))?;
-    until(&p.b, "export", "web", &condition("ExportValid"), "True").await?;
+    until(&p.b, "export", "web", "ExportValid", "True").await?;
     retry("traffic to the Service's address", WAIT, || flows(addr)).await?;
 
     p.b.ok(&["delete", "service", "web", "-n", "default"])?;
-    until(&p.b, "export", "web", &condition("ExportValid"), "False").await?;
+    until(&p.b, "export", "web", "ExportValid", "False").await?;
     Ok(())
 }
 
@@ -350,25 +331,11 @@ async fn k8s_import_port_allocation_conflicts_and_foreign_services() -> Result<(
     })
     .await?;
     ensure!((1024..49152).contains(&port), "allocated {port}");
-    until(
-        &p.a,
-        "import",
-        "auto",
-        &condition("ImportTargetPortValid"),
-        "True",
-    )
-    .await?;
+    until(&p.a, "import", "auto", "ImportTargetPortValid", "True").await?;
 
     // The same target port explicitly on a younger Import: refused, the older keeps it.
     p.a.apply(&import_yaml("clash", 7001, port as u16, "peer-b", "echo"))?;
-    until(
-        &p.a,
-        "import",
-        "clash",
-        &condition("ImportTargetPortValid"),
-        "False",
-    )
-    .await?;
+    until(&p.a, "import", "clash", "ImportTargetPortValid", "False").await?;
     let msg = p.a.jsonpath(
         "import",
         "default",
@@ -381,27 +348,13 @@ async fn k8s_import_port_allocation_conflicts_and_foreign_services() -> Result<(
         )),
         "{msg:?}"
     );
-    until(
-        &p.a,
-        "import",
-        "auto",
-        &condition("ImportTargetPortValid"),
-        "True",
-    )
-    .await?;
+    until(&p.a, "import", "auto", "ImportTargetPortValid", "True").await?;
 
     // A foreign Service holding the import's name: reported, never taken over; once
     // it goes, the import makes its own.
     p.a.apply("apiVersion: v1\nkind: Service\nmetadata: {name: taken, namespace: default}\nspec: {ports: [{port: 1}]}\n")?;
     p.a.apply(&import_yaml("taken", 7002, free_port()?, "peer-b", "echo"))?;
-    until(
-        &p.a,
-        "import",
-        "taken",
-        &condition("ImportServiceValid"),
-        "False",
-    )
-    .await?;
+    until(&p.a, "import", "taken", "ImportServiceValid", "False").await?;
     let msg = p.a.jsonpath(
         "import",
         "default",
@@ -416,14 +369,7 @@ async fn k8s_import_port_allocation_conflicts_and_foreign_services() -> Result<(
         p.a.jsonpath("service", "default", "taken", "{.spec.type}")?;
     ensure!(ty == "ClusterIP", "the foreign Service was changed to {ty}");
     p.a.ok(&["delete", "service", "taken", "-n", "default"])?;
-    until(
-        &p.a,
-        "import",
-        "taken",
-        &condition("ImportServiceValid"),
-        "True",
-    )
-    .await?;
+    until(&p.a, "import", "taken", "ImportServiceValid", "True").await?;
     let ty =
         p.a.jsonpath("service", "default", "taken", "{.spec.type}")?;
     ensure!(ty == "ExternalName", "the import's Service is {ty:?}");
@@ -440,7 +386,6 @@ async fn k8s_import_port_allocation_conflicts_and_foreign_services() -> Result<(
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let _ = &p.pb;
     Ok(())
 }
 

@@ -9,82 +9,13 @@
 //! with a message, except under CI (`CI` set), where they fail.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _, Result};
-
-struct Cluster {
-    kubectl: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl Cluster {
-    /// The cluster of the environment, `None` (skip) outside CI when there is none.
-    fn from_env(test: &str) -> Result<Option<Cluster>> {
-        match (
-            std::env::var_os("CL_TEST_KUBECTL"),
-            std::env::var_os("CL_TEST_KUBECONFIG"),
-        ) {
-            (Some(k), Some(c)) => Ok(Some(Cluster {
-                kubectl: k.into(),
-                kubeconfig: c.into(),
-            })),
-            _ if std::env::var_os("CI").is_some() => {
-                bail!("{test}: CL_TEST_KUBECTL and CL_TEST_KUBECONFIG must be set under CI (.ci/run starts the API server)")
-            }
-            _ => {
-                eprintln!("{test}: skipped: no test cluster (CL_TEST_KUBECTL, CL_TEST_KUBECONFIG; see tests/k8s/env.sh)");
-                Ok(None)
-            }
-        }
-    }
-
-    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
-        use std::io::Write as _;
-        let mut cmd = Command::new(&self.kubectl);
-        cmd.arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().context("running kubectl")?;
-        if let Some(mut input) = child.stdin.take() {
-            input.write_all(stdin.unwrap_or("").as_bytes())?;
-        }
-        Ok(child.wait_with_output()?)
-    }
-
-    /// kubectl `args`, which must succeed; its stdout.
-    fn ok(&self, args: &[&str]) -> Result<String> {
-        let o = self.run(args, None)?;
-        ensure!(
-            o.status.success(),
-            "kubectl {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-    }
-}
+use anyhow::{ensure, Context as _, Result};
+use tests::k8s::Kubectl as Cluster;
 
 fn manifests() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/clusterlink-manifests")
-}
-
-/// Our CRDs (`deploy/crds/`, generated from the `crds` crate), established.
-fn crds_established(c: &Cluster) -> Result<()> {
-    let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
-    let crds = crds.to_str().context("path")?;
-    c.ok(&["apply", "--server-side", "-f", crds])?;
-    c.ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "-f",
-        crds,
-    ])?;
-    Ok(())
 }
 
 /// ClusterLink's sample manifests (all but the policy unit-test inputs in `pdp/`),
@@ -124,7 +55,7 @@ fn clusterlink_samples_apply_server_side_against_our_crds() -> Result<()> {
     else {
         return Ok(());
     };
-    crds_established(&c)?;
+    c.install_crds()?;
     // Peers live in the ClusterLink namespace; the rest in the namespace they name.
     let o = c.run(&["create", "namespace", "clusterlink-system"], None)?;
     ensure!(
@@ -180,7 +111,7 @@ fn the_api_server_enforces_the_crds_validation() -> Result<()> {
     let Some(c) = Cluster::from_env("the_api_server_enforces_the_crds_validation")? else {
         return Ok(());
     };
-    crds_established(&c)?;
+    c.install_crds()?;
     let import = |name: &str| {
         format!(
             "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  port: 80\n  lbScheme: round-robin\n  sources: [{{exportName: x, exportNamespace: default, peer: p}}]\n"

@@ -23,7 +23,7 @@ use super::{
     Kube, DATAPLANE_APP, FIELD_MANAGER, IMPORT_NAMESPACE_LABEL, IMPORT_NAME_LABEL, MANAGED_BY,
     MANAGED_BY_VALUE,
 };
-use crate::core::{import_services, system_service_name, Core};
+use crate::core::{import_services, Core};
 use crate::resources::{Key, Kind, Resource};
 use crate::store::Desired;
 
@@ -122,27 +122,23 @@ fn labels(import_ns: &str, import_name: &str) -> Value {
     })
 }
 
-/// The Services an import should have: (namespace, name, spec).
+/// The Services an import should have, as `import_services` names them, each with
+/// the spec fields we set: the system Service first, then the user Service.
 fn wanted(cl: &str, key: &Key, port: u16, target_port: u16) -> Vec<(String, String, Value)> {
-    let system = system_service_name(cl, &key.namespace, &key.name);
-    let mut out = vec![(
-        cl.to_owned(),
-        system.clone(),
-        json!({
+    let mut names = import_services(cl, &key.namespace, &key.name).into_iter();
+    let mut out = Vec::new();
+    if let Some((ns, system)) = names.next() {
+        let spec = json!({
             "type": "ClusterIP",
             "selector": { "app": DATAPLANE_APP },
             "ports": [{ "protocol": "TCP", "port": port, "targetPort": target_port }],
-        }),
-    )];
-    if key.namespace != cl {
-        out.push((
-            key.namespace.clone(),
-            key.name.clone(),
-            json!({
-                "type": "ExternalName",
-                "externalName": format!("{system}.{cl}.svc.cluster.local"),
-            }),
-        ));
+        });
+        let external = format!("{system}.{cl}.svc.cluster.local");
+        out.push((ns, system, spec));
+        for (ns, name) in names {
+            let spec = json!({ "type": "ExternalName", "externalName": external });
+            out.push((ns, name, spec));
+        }
     }
     out
 }
@@ -279,6 +275,7 @@ pub async fn reconcile_services(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::system_service_name;
 
     #[test]
     fn picked_ports_are_free_and_in_range() {

@@ -13,7 +13,7 @@ use kube::ResourceExt as _;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::source::{api, Stores};
+use super::source::{api_resource, Stores};
 use super::{imports, Kube, FIELD_MANAGER};
 use crate::core::Core;
 use crate::resources::{Key, Kind};
@@ -99,24 +99,19 @@ async fn write_statuses(kube: &Kube, core: &Core, stores: &Stores, leader: &watc
             if same_status(&want, &have) {
                 continue;
             }
-            let mut metadata = json!({ "name": key.name });
-            if kind.namespaced() || kind == Kind::Peer {
-                metadata["namespace"] = namespace.clone().into();
-            }
+            // All three kinds are namespaced objects (a Peer's key has no namespace
+            // only because its name alone is the remote's identity).
             let body = json!({
                 "apiVersion": crate::resources::API_VERSION,
                 "kind": kind.name(),
-                "metadata": metadata,
+                "metadata": { "name": key.name, "namespace": namespace },
                 "status": want,
             });
-            let api = match kind {
-                Kind::Peer => api(kube, kind),
-                _ => kube::Api::<DynamicObject>::namespaced_with(
-                    kube.client.clone(),
-                    &namespace,
-                    &super::source::api_resource(kind),
-                ),
-            };
+            let api = kube::Api::<DynamicObject>::namespaced_with(
+                kube.client.clone(),
+                &namespace,
+                &api_resource(kind),
+            );
             let params = PatchParams::apply(FIELD_MANAGER).force();
             match api
                 .patch_status(&key.name, &params, &Patch::Apply(&body))
