@@ -42,6 +42,10 @@ pub enum Error {
     NoResourcesDir,
     #[error(transparent)]
     Kubernetes(#[from] crate::k8s::Error),
+    #[error("site TLS for the gRPC API: {0}")]
+    Site(#[from] fabric::site::Error),
+    #[error("--site-* files apply to the TCP gRPC port, not to --grpc-socket")]
+    SiteWithSocket,
 }
 
 /// Where the resources come from.
@@ -58,7 +62,8 @@ pub enum Platform {
 #[derive(Debug, Clone, clap::Parser, serde::Serialize)]
 #[command(name = "cl-controlplane", version, about = "ClusterLink control plane")]
 pub struct Config {
-    /// gRPC address the data planes connect to (TCP; plain, so keep it on loopback).
+    /// gRPC address the data planes connect to (TCP: mutual TLS with the site
+    /// certificates when they are configured, else plain, so keep it on loopback).
     #[arg(long, env = "CL_GRPC_ADDR", default_value = "127.0.0.1:4444")]
     pub grpc_addr: SocketAddr,
     /// Serve the data-plane API on this Unix socket (mode 0600) instead of
@@ -86,6 +91,18 @@ pub struct Config {
     /// is replaced within it.
     #[arg(long, env = "CL_LEASE_DURATION_SECS", default_value_t = 15)]
     pub lease_duration_secs: u64,
+    /// Site CA certificate (PEM): with it, the gRPC port serves mutual TLS, only to
+    /// data planes holding this CA's `cl-dataplane` certificate. Always on with
+    /// --platform k8s, where the default is ClusterLink's /etc/ssl/certs/clink_ca.pem.
+    #[arg(long, env = "CL_SITE_CA_FILE")]
+    pub site_ca_file: Option<PathBuf>,
+    /// This control plane's `cl-controlplane` certificate chain of the site CA (PEM;
+    /// default on Kubernetes /etc/ssl/certs/clink-controlplane.pem).
+    #[arg(long, env = "CL_SITE_CERT_FILE")]
+    pub site_cert_file: Option<PathBuf>,
+    /// Its private key (PEM; default on Kubernetes /etc/ssl/key/clink-controlplane.pem).
+    #[arg(long, env = "CL_SITE_KEY_FILE")]
+    pub site_key_file: Option<PathBuf>,
     /// Fabric CA certificate (PEM).
     #[arg(long, env = "CL_CA_FILE")]
     pub ca_file: PathBuf,
@@ -111,6 +128,26 @@ pub struct Config {
     /// Log level or filter.
     #[arg(long, env = "CL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+impl Config {
+    /// The site files the gRPC port serves TLS with: those given, ClusterLink's mount
+    /// paths for the rest; always on Kubernetes, where data planes are other pods.
+    pub fn site_paths(&self) -> Option<fabric::identity::CertPaths> {
+        use fabric::site;
+        let given = self.site_ca_file.is_some()
+            || self.site_cert_file.is_some()
+            || self.site_key_file.is_some();
+        if !given && self.platform != Platform::K8s {
+            return None;
+        }
+        let or = |p: &Option<PathBuf>, d: &str| p.clone().unwrap_or_else(|| PathBuf::from(d));
+        Some(fabric::identity::CertPaths {
+            ca: or(&self.site_ca_file, site::CA_PATH),
+            cert: or(&self.site_cert_file, site::CONTROLPLANE_CERT_PATH),
+            key: or(&self.site_key_file, site::CONTROLPLANE_KEY_PATH),
+        })
+    }
 }
 
 pub struct Running {
@@ -231,12 +268,26 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         Duration::from_millis(config.peer_timeout_ms.max(1)),
     );
     let authz = Arc::new(Authz::new(core.clone(), client.clone()));
-    let grpc = match &config.grpc_socket {
-        Some(path) => server::GrpcListener::unix(path).map_err(|source| Error::Io {
+    let site = config.site_paths();
+    if let Some(paths) = &site {
+        fabric::site::ensure_distinct(&paths.ca, &config.ca_file)?;
+    }
+    let site_given = config.site_ca_file.is_some()
+        || config.site_cert_file.is_some()
+        || config.site_key_file.is_some();
+    let grpc = match (&config.grpc_socket, site) {
+        (Some(_), Some(_)) if site_given => return Err(Error::SiteWithSocket),
+        // A socket only this user can open (a data plane beside it): no TLS needed.
+        (Some(path), _) => server::GrpcListener::unix(path).map_err(|source| Error::Io {
             path: path.clone(),
             source,
         })?,
-        None => server::GrpcListener::Tcp(bind("gRPC port", config.grpc_addr).await?),
+        (None, Some(paths)) => {
+            let tls =
+                fabric::site::watch(paths, Duration::from_secs(1), fabric::site::server_config)?;
+            server::GrpcListener::Tls(bind("gRPC port", config.grpc_addr).await?, tls)
+        }
+        (None, None) => server::GrpcListener::Tcp(bind("gRPC port", config.grpc_addr).await?),
     };
     let admin = bind("admin port", config.admin_addr).await?;
     let grpc_endpoint = grpc.endpoint();

@@ -151,6 +151,10 @@ impl Authz {
             return deny("unknown lbScheme");
         };
         let src = self.source_attrs(local, &req.client_ip);
+        // Where pods are tracked (Kubernetes), a client's attributes change with no new
+        // snapshot (a pod relabelled, an address reused), so data planes must ask again
+        // for every connection; the token cache below keeps that cheap.
+        let reusable = self.core.with_desired(|d, _| d.namespace.is_none());
         let sources = &import.spec.sources;
         let mut cursor = self.counters.cursor(
             &format!("{}/{}", key.namespace, key.name),
@@ -245,7 +249,7 @@ impl Authz {
                 .cloned()
             {
                 self.cache_hits.inc();
-                return allow(&source.peer, c);
+                return allow(&source.peer, c, reusable);
             }
             let body = AuthzRequest {
                 service_name: export_name.clone(),
@@ -284,7 +288,7 @@ impl Authz {
                         .unwrap_or(now + DEFAULT_REMOTE_TTL_SECS);
                     let c = Cached { token, expires };
                     lock(&self.cache).insert(cache_key, c.clone());
-                    return allow(&source.peer, c);
+                    return allow(&source.peer, c, reusable);
                 }
                 Err(e) => {
                     let result = if matches!(e, crate::peerclient::Error::Status { .. }) {
@@ -405,13 +409,15 @@ impl Authz {
     }
 }
 
-fn allow(peer: &str, c: Cached) -> v1::EgressResponse {
+/// An allowed answer; `reusable` as the API says (false where pods are tracked).
+fn allow(peer: &str, c: Cached, reusable: bool) -> v1::EgressResponse {
     v1::EgressResponse {
         allowed: true,
         reason: String::new(),
         peer: peer.to_owned(),
         access_token: c.token,
         expires_unix_ms: (c.expires as i64).saturating_mul(1000),
+        reusable,
     }
 }
 

@@ -15,7 +15,7 @@ use controlplane_api::v1;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -45,6 +45,7 @@ pub struct Metrics {
     peer_reachable: IntGaugeVec,
     resource_errors: IntGauge,
     subscribers: IntGauge,
+    grpc_tls_refused: IntCounter,
 }
 
 impl Metrics {
@@ -75,10 +76,16 @@ impl Metrics {
             "Data planes following the configuration stream",
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let grpc_tls_refused = IntCounter::new(
+            "clusterlink_grpc_tls_refused_total",
+            "Connections to the gRPC API refused in the site TLS handshake (wrong CA or name, no certificate or no TLS, as from TCP probes, timeout, too many at once)",
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
         for c in [
             Box::new(peer_reachable.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(resource_errors.clone()),
             Box::new(subscribers.clone()),
+            Box::new(grpc_tls_refused.clone()),
         ] {
             if let Err(e) = registry.register(c) {
                 tracing::error!(error = %e, "metric registration failed");
@@ -89,6 +96,7 @@ impl Metrics {
             peer_reachable,
             resource_errors,
             subscribers,
+            grpc_tls_refused,
         }
     }
 }
@@ -156,8 +164,11 @@ impl v1::authorization_server::Authorization for Grpc {
     }
 }
 
-/// Where the gRPC API listens: TCP, or a Unix socket only its owner may use.
+/// Where the gRPC API listens: TCP with the site's mutual TLS (the Kubernetes platform,
+/// where data planes are other pods), a Unix socket only its owner may use (the local
+/// platform's default), or plain TCP (local only, for tests and loopback use).
 pub enum GrpcListener {
+    Tls(TcpListener, watch::Receiver<Arc<rustls::ServerConfig>>),
     Tcp(TcpListener),
     Unix(tokio::net::UnixListener, std::path::PathBuf),
 }
@@ -188,7 +199,9 @@ impl GrpcListener {
     /// What a data plane passes as --controlplane to reach it.
     pub fn endpoint(&self) -> String {
         match self {
-            GrpcListener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            GrpcListener::Tcp(l) | GrpcListener::Tls(l, _) => {
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            }
             GrpcListener::Unix(_, p) => format!("unix:{}", p.display()),
         }
     }
@@ -200,6 +213,7 @@ pub async fn serve_grpc(
     services: Arc<Services>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
+    let metrics_of = services.clone();
     let grpc = Grpc(services);
     let router = tonic::transport::Server::builder()
         .add_service(v1::config_discovery_server::ConfigDiscoveryServer::new(
@@ -210,6 +224,10 @@ pub async fn serve_grpc(
         let _ = stop.wait_for(|s| *s).await;
     };
     match listener {
+        GrpcListener::Tls(l, config) => {
+            let incoming = tls_incoming(l, config, metrics_of.metrics.grpc_tls_refused.clone());
+            router.serve_with_incoming_shutdown(incoming, stopped).await
+        }
         GrpcListener::Tcp(l) => {
             router
                 .serve_with_incoming_shutdown(
@@ -228,6 +246,128 @@ pub async fn serve_grpc(
             let _ = std::fs::remove_file(path);
             r
         }
+    }
+}
+
+/// How long a client has to finish the TLS handshake on the gRPC port (a data plane
+/// gives up on its side after 2 s).
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Handshakes in progress at once; past it new connections are closed at once, so
+/// that silent connections cannot use up the process's file descriptors.
+const TLS_HANDSHAKES_MAX: usize = 256;
+
+/// Accepts TCP connections and hands on those that complete the site TLS handshake;
+/// each handshake runs in its own task, so a slow or silent client holds up no one,
+/// and at most `TLS_HANDSHAKES_MAX` run at once. A refused handshake closes that
+/// connection only (counted and logged at debug: anyone who can reach the port can
+/// cause it).
+fn tls_incoming(
+    listener: TcpListener,
+    config: watch::Receiver<Arc<rustls::ServerConfig>>,
+    refused: IntCounter,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsIo, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(TLS_HANDSHAKES_MAX));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "gRPC accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = tx.closed() => return,
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                refused.inc();
+                tracing::debug!("too many gRPC TLS handshakes in progress; connection closed");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.borrow().clone());
+            let tx = tx.clone();
+            let refused = refused.clone();
+            tokio::spawn(async move {
+                let handshake =
+                    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(TlsIo(tls))).await;
+                    }
+                    Ok(Err(e)) => {
+                        refused.inc();
+                        tracing::debug!(error = %e, "gRPC client refused in the TLS handshake");
+                    }
+                    Err(_) => {
+                        refused.inc();
+                        tracing::debug!("gRPC client timed out in the TLS handshake");
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A data plane's verified TLS connection, as tonic serves it.
+pub struct TlsIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsIo {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for TlsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
     }
 }
 

@@ -35,6 +35,8 @@ pub enum Error {
     ControlPlane(#[from] cpclient::Error),
     #[error(transparent)]
     Workers(#[from] workers::Error),
+    #[error("site TLS to the control plane: {0}")]
+    Site(#[from] fabric::site::Error),
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -60,9 +62,27 @@ pub struct Config {
     /// Address the import listeners bind to.
     #[arg(long, env = "CL_IMPORT_BIND", default_value = "0.0.0.0")]
     pub import_bind: IpAddr,
-    /// Control plane gRPC address: host:port, http://host:port, or unix:/path/to.sock.
+    /// Control plane gRPC address: host:port, http://host:port, or unix:/path/to.sock
+    /// (plain; with --site-* files, host:port over mutual TLS).
     #[arg(long, env = "CL_CONTROLPLANE", default_value = "127.0.0.1:4444")]
     pub controlplane: String,
+    /// The control plane as `host[:port]` (port 4444 by default) over the site's mutual
+    /// TLS, as on Kubernetes (ClusterLink's flag); overrides --controlplane. The site
+    /// files default to ClusterLink's mount paths.
+    #[arg(long, env = "CL_CONTROLPLANE_HOST")]
+    pub controlplane_host: Option<String>,
+    /// Site CA certificate (PEM; default with --controlplane-host
+    /// /etc/ssl/certs/clink_ca.pem): the control plane must present its
+    /// `cl-controlplane` certificate.
+    #[arg(long, env = "CL_SITE_CA_FILE")]
+    pub site_ca_file: Option<PathBuf>,
+    /// This data plane's `cl-dataplane` certificate chain of the site CA (PEM; default
+    /// /etc/ssl/certs/clink-dataplane.pem).
+    #[arg(long, env = "CL_SITE_CERT_FILE")]
+    pub site_cert_file: Option<PathBuf>,
+    /// Its private key (PEM; default /etc/ssl/key/clink-dataplane.pem).
+    #[arg(long, env = "CL_SITE_KEY_FILE")]
+    pub site_key_file: Option<PathBuf>,
     /// Fabric CA certificate (PEM).
     #[arg(long, env = "CL_CA_FILE")]
     pub ca_file: PathBuf,
@@ -100,6 +120,27 @@ pub struct Config {
     /// Log level or filter (error, warn, info, debug, trace, or a tracing filter).
     #[arg(long, env = "CL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+impl Config {
+    /// The site files the control plane connection uses: those given, ClusterLink's
+    /// mount paths for the rest; none (plain or Unix socket) unless some are given or
+    /// --controlplane-host is.
+    pub fn site_paths(&self) -> Option<CertPaths> {
+        use fabric::site;
+        let given = self.site_ca_file.is_some()
+            || self.site_cert_file.is_some()
+            || self.site_key_file.is_some();
+        if !given && self.controlplane_host.is_none() {
+            return None;
+        }
+        let or = |p: &Option<PathBuf>, d: &str| p.clone().unwrap_or_else(|| PathBuf::from(d));
+        Some(CertPaths {
+            ca: or(&self.site_ca_file, site::CA_PATH),
+            cert: or(&self.site_cert_file, site::DATAPLANE_CERT_PATH),
+            key: or(&self.site_key_file, site::DATAPLANE_KEY_PATH),
+        })
+    }
 }
 
 impl Config {
@@ -187,7 +228,24 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             Err(_) => m.cert_reloads.with_label_values(&["error"]).inc(),
         }),
     )?;
-    let cp = ControlPlane::new(&config.controlplane)?;
+    let site = match config.site_paths() {
+        Some(paths) => Some({
+            fabric::site::ensure_distinct(&paths.ca, &config.ca_file)?;
+            fabric::site::watch(
+                paths,
+                Duration::from_millis(config.cert_reload_ms.max(10)),
+                fabric::site::client_config,
+            )?
+        }),
+        None => None,
+    };
+    let cp = ControlPlane::new(
+        config
+            .controlplane_host
+            .as_deref()
+            .unwrap_or(&config.controlplane),
+        site,
+    )?;
     let (halt, halt_rx) = watch::channel(false);
     let workers = Workers::start(
         config.workers.unwrap_or_else(|| {

@@ -2,6 +2,9 @@
 //! reconnect and back-off, keeping the last snapshot while the control plane is away)
 //! and the authorization calls. Never blocks the data path on a reconnect: egress calls
 //! fail fast while the control plane is unreachable.
+//! Three transports: a Unix socket (the local platform), plain TCP (loopback), and TCP
+//! with the site's mutual TLS (Kubernetes, `--controlplane-host`), where the server must
+//! present `cl-controlplane` of the site CA whatever host name it is reached by.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +26,10 @@ pub enum Error {
     Call(#[from] tonic::Status),
     #[error("control plane call timed out")]
     Timeout,
+    #[error("a Unix socket control plane ({0}) takes no site TLS")]
+    TlsOverUnix(String),
+    #[error(transparent)]
+    Site(#[from] fabric::site::Error),
 }
 
 /// Per-call deadline for authorization calls.
@@ -35,11 +42,21 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// `addr` is "host:port" or a URL. The channel connects lazily and reconnects on
-    /// its own.
-    pub fn new(addr: &str) -> Result<Self, Error> {
+    /// `addr` is "host:port", a URL or "unix:/path"; with `tls`, "host[:port]" (port
+    /// 4444 by default) reached over the site's mutual TLS. The channel connects lazily
+    /// and reconnects on its own.
+    pub fn new(
+        addr: &str,
+        tls: Option<watch::Receiver<Arc<rustls::ClientConfig>>>,
+    ) -> Result<Self, Error> {
         if let Some(path) = addr.strip_prefix("unix:") {
+            if tls.is_some() {
+                return Err(Error::TlsOverUnix(addr.to_owned()));
+            }
             return Ok(Self::unix(std::path::PathBuf::from(path)));
+        }
+        if let Some(tls) = tls {
+            return Self::tls(addr, tls);
         }
         let url = if addr.contains("://") {
             addr.to_owned()
@@ -78,6 +95,34 @@ impl ControlPlane {
             authz: AuthorizationClient::new(channel.clone()),
             channel,
         }
+    }
+
+    /// A control plane reached over TCP with the site's mutual TLS. Each connection
+    /// resolves the host anew (a Kubernetes Service name) and uses the newest loaded
+    /// certificates.
+    fn tls(addr: &str, tls: watch::Receiver<Arc<rustls::ClientConfig>>) -> Result<Self, Error> {
+        let target = host_port(addr)?;
+        let name = fabric::site::controlplane_server_name()?;
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let target = target.clone();
+            let name = name.clone();
+            let connector = tokio_rustls::TlsConnector::from(tls.borrow().clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(target.as_str()).await?;
+                let _ = tcp.set_nodelay(true);
+                let stream = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        let channel = Endpoint::from_static("http://cl-controlplane")
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_with_connector_lazy(connector);
+        Ok(ControlPlane {
+            authz: AuthorizationClient::new(channel.clone()),
+            channel,
+        })
     }
 
     pub async fn authorize_egress(
@@ -149,6 +194,72 @@ impl ControlPlane {
                 _ = fabric::sync::stopped(&mut stop) => return,
             }
             backoff = (backoff.mul_f32(1.6)).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// "host[:port]" as `--controlplane-host` takes it (ClusterLink passes a bare Service
+/// name), with the control plane's port 4444 when none is given; IPv6 in brackets.
+fn host_port(addr: &str) -> Result<String, Error> {
+    let bad = |why: &str| Error::Address(addr.to_owned(), why.to_owned());
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(addr.to_owned());
+    }
+    let port = fabric::site::CONTROLPLANE_PORT;
+    let bare = match addr.strip_prefix('[') {
+        Some(rest) => rest
+            .strip_suffix(']')
+            .ok_or_else(|| bad("unbalanced brackets"))?,
+        None => addr,
+    };
+    if let Ok(ip) = bare.parse::<std::net::Ipv6Addr>() {
+        return Ok(format!("[{ip}]:{port}"));
+    }
+    let (host, with_port) = match addr.rsplit_once(':') {
+        Some((host, p)) => {
+            p.parse::<u16>()
+                .map_err(|_| bad("the port is not a number up to 65535"))?;
+            (host, addr.to_owned())
+        }
+        None => (addr, format!("{addr}:{port}")),
+    };
+    if host.is_empty() || host.contains(['/', ':', ' ', '[', ']']) {
+        return Err(bad("expected host[:port]"));
+    }
+    Ok(with_port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn controlplane_host_takes_a_name_an_address_and_an_optional_port() {
+        for (given, want) in [
+            ("cl-controlplane", "cl-controlplane:4444"),
+            (
+                "cl-controlplane.clusterlink-system.svc:4000",
+                "cl-controlplane.clusterlink-system.svc:4000",
+            ),
+            ("127.0.0.1", "127.0.0.1:4444"),
+            ("127.0.0.1:5000", "127.0.0.1:5000"),
+            ("::1", "[::1]:4444"),
+            ("[::1]", "[::1]:4444"),
+            ("[::1]:5000", "[::1]:5000"),
+        ] {
+            assert_eq!(host_port(given).ok().as_deref(), Some(want), "{given}");
+        }
+        for bad in [
+            "",
+            ":4444",
+            "host:http",
+            "host:70000",
+            "a/b",
+            "http://x:1",
+            "[::1",
+            "[::1]x",
+        ] {
+            assert!(host_port(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -49,10 +49,11 @@ const LAST_GOOD_MARGIN_MS: i64 = 500;
 
 /// Last allowed egress answers, by "import|client IP", with the generation of the
 /// snapshot in force when they were asked for.
-/// - While that snapshot is still in force and the import has one source, the answer
-///   is reused for new connections: the control plane publishes a new snapshot on
-///   every policy, peer or reachability change, which ends the reuse, and a token the
-///   exporting peer refuses is forgotten at once.
+/// - While that snapshot is still in force, the import has one source and the control
+///   plane marked the answer reusable (not on Kubernetes, where the client's pod can
+///   change under it), the answer is reused for new connections: the control plane
+///   publishes a new snapshot on every policy, peer or reachability change, which
+///   ends the reuse, and a token the exporting peer refuses is forgotten at once.
 /// - When the control plane is unreachable, the answer is reused whatever the snapshot
 ///   (last-known-good) until its token expires; the exporting peer checks it anyway.
 #[derive(Default)]
@@ -72,7 +73,9 @@ impl EgressCache {
         let now = fabric::clock::unix_millis();
         let m = lock(&self.0);
         m.get(key)
-            .filter(|(g, a)| *g == generation && a.expires_unix_ms > now + REUSE_MARGIN_MS)
+            .filter(|(g, a)| {
+                a.reusable && *g == generation && a.expires_unix_ms > now + REUSE_MARGIN_MS
+            })
             .map(|(_, a)| a.clone())
     }
 

@@ -37,11 +37,7 @@ pub enum KeyType {
     Rsa4096,
 }
 
-/// Subject and DNS SAN of the site certificates (spec 1.6): the names the data plane
-/// dials the control plane by, and what each side checks of the other.
-pub const SITE_CA_NAME: &str = "cl-ca";
-pub const CONTROLPLANE_NAME: &str = "cl-controlplane";
-pub const DATAPLANE_NAME: &str = "cl-dataplane";
+pub use crate::site::{CONTROLPLANE_NAME, DATAPLANE_NAME, SITE_CA_NAME};
 
 const VALIDITY_DAYS: u64 = 3650;
 
@@ -188,6 +184,12 @@ impl std::fmt::Debug for Site {
 /// authentication) and the data plane certificate (`cl-dataplane`, client
 /// authentication) it signs.
 pub fn site() -> Result<Site, Error> {
+    Ok(site_and_client(None)?.0)
+}
+
+/// `site()`, and with `extra` a client certificate of that name from the same site
+/// CA (for tests of the name checks).
+pub(crate) fn site_and_client(extra: Option<&str>) -> Result<(Site, Option<Issued>), Error> {
     let ca_key = key(KeyType::EcdsaP256)?;
     let ca_params = ca_params(SITE_CA_NAME)?;
     let ca = ca_params.self_signed(&ca_key)?;
@@ -201,11 +203,16 @@ pub fn site() -> Result<Site, Error> {
             key: key.serialize_pem(),
         })
     };
-    Ok(Site {
+    let extra = match extra {
+        Some(name) => Some(leaf(name, ExtendedKeyUsagePurpose::ClientAuth)?),
+        None => None,
+    };
+    let site = Site {
         controlplane: leaf(CONTROLPLANE_NAME, ExtendedKeyUsagePurpose::ServerAuth)?,
         dataplane: leaf(DATAPLANE_NAME, ExtendedKeyUsagePurpose::ClientAuth)?,
         ca: ca_pem,
-    })
+    };
+    Ok((site, extra))
 }
 
 #[cfg(test)]

@@ -150,7 +150,10 @@ fn first_dns_san(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option
     })
 }
 
-fn roots(ca: &[CertificateDer<'static>], path: &Path) -> Result<Arc<RootCertStore>, Error> {
+pub(crate) fn roots(
+    ca: &[CertificateDer<'static>],
+    path: &Path,
+) -> Result<Arc<RootCertStore>, Error> {
     let mut store = RootCertStore::empty();
     for cert in ca {
         store.add(cert.clone()).map_err(|source| Error::Rustls {
@@ -259,8 +262,8 @@ impl Material {
 /// SNI name is among the SANs) and then that the server's identity, its first DNS SAN,
 /// is exactly the peer we dialed.
 #[derive(Debug)]
-struct PeerNameVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+pub(crate) struct PeerNameVerifier {
+    pub(crate) inner: Arc<WebPkiServerVerifier>,
 }
 
 impl ServerCertVerifier for PeerNameVerifier {
@@ -321,7 +324,7 @@ pub fn remote_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
         .and_then(|c| identity_of(c).ok())
 }
 
-fn stamp(paths: &CertPaths) -> Vec<Option<(SystemTime, u64)>> {
+pub(crate) fn stamp(paths: &CertPaths) -> Vec<Option<(SystemTime, u64)>> {
     [&paths.ca, &paths.cert, &paths.key]
         .iter()
         .map(|p| {

@@ -1,5 +1,6 @@
 //! What every ClusterLink component shares about the fabric: identity and mTLS
-//! configuration (`identity`), access tokens (`token`), name and address rules with
+//! configuration (`identity`), the site TLS between one peer's own
+//! components (`site`), access tokens (`token`), name and address rules with
 //! Kubernetes semantics (`names`), the names on the wire (`wire`), the admin HTTP
 //! server both planes use (`admin`), clocks and two concurrency helpers, and, behind
 //! the `certs` feature, the certificate profiles the CLI and the operator issue.
@@ -12,6 +13,7 @@ pub mod certs;
 pub mod clock;
 pub mod identity;
 pub mod names;
+pub mod site;
 pub mod sync;
 pub mod token;
 pub mod wire;

@@ -3,14 +3,18 @@
 //! a fresh one with our CRDs installed and the ClusterLink namespace made, stopped
 //! when dropped. The tests that need one skip with a message when the environment
 //! has no test cluster (`CL_TEST_KUBECTL` unset), except under CI, where they fail.
+//! `Fleet` is the end-to-end topology: one cluster per peer, each with its control
+//! plane (`--platform k8s`) and data plane as processes, Peers and allow-all made
+//! with kubectl; the YAML builders and `until` serve the scenarios on top of it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 
-use crate::TempDir;
+use crate::procs::ProcPeer;
+use crate::{Fabric, TempDir};
 
 fn env_sh() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("k8s/env.sh")
@@ -210,4 +214,127 @@ impl Drop for KubeCluster {
 /// `status` of condition `ty` (jsonpath filter).
 pub fn condition(ty: &str) -> String {
     format!("{{.status.conditions[?(@.type==\"{ty}\")].status}}")
+}
+
+/// How long a scenario step may take to show.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Calls `f` every 100 ms until it succeeds; after `deadline`, fails with its last error.
+pub async fn retry<T, F, Fut>(what: &str, deadline: std::time::Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() > end => {
+                return Err(e.context(format!("{what}: not within {deadline:?}")))
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Waits until condition `ty` of `kind`/`name` (Peers in the ClusterLink namespace,
+/// the rest in `default`) has status `want`.
+pub async fn until(c: &Kubectl, kind: &str, name: &str, ty: &str, want: &str) -> Result<()> {
+    let ns = if kind == "peer" {
+        "clusterlink-system"
+    } else {
+        "default"
+    };
+    let path = condition(ty);
+    retry(&format!("{kind} {name} {ty} == {want:?}"), WAIT, || async {
+        let got = c.jsonpath(kind, ns, name, &path)?;
+        ensure!(got == want, "is {got:?}");
+        Ok(())
+    })
+    .await
+}
+
+pub fn peer_yaml(name: &str, gateway: u16) -> String {
+    format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Peer\nmetadata: {{name: {name}, namespace: clusterlink-system}}\nspec:\n  gateways: [{{host: 127.0.0.1, port: {gateway}}}]\n"
+    )
+}
+
+pub const ALLOW_ALL: &str = "apiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\nmetadata: {name: allow-all, namespace: default}\nspec:\n  action: allow\n  from: [{workloadSelector: {}}]\n  to: [{workloadSelector: {}}]\n";
+
+pub fn export_yaml(name: &str, host: &str, port: u16) -> String {
+    format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata: {{name: {name}, namespace: default}}\nspec: {{host: \"{host}\", port: {port}}}\n"
+    )
+}
+
+pub fn import_yaml(name: &str, port: u16, target: u16, peer: &str, export: &str) -> String {
+    format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  port: {port}\n  targetPort: {target}\n  sources: [{{peer: {peer}, exportName: {export}, exportNamespace: default}}]\n"
+    )
+}
+
+/// One cluster per peer of a new fabric, started in parallel; on each, the peer's
+/// control plane on that cluster and its data plane, a Peer object for every other
+/// peer and allow-all in `default`.
+pub struct Fleet {
+    // Dropped in this order: the processes, then their clusters, then the files.
+    pub peers: Vec<ProcPeer>,
+    pub clusters: Vec<KubeCluster>,
+    pub fabric: Fabric,
+    pub root: TempDir,
+}
+
+impl Fleet {
+    /// `None` (skip) when the environment has no test cluster, as `available` says.
+    pub async fn start(test: &str, names: &[&str]) -> Result<Option<Fleet>> {
+        if !available(test)? {
+            return Ok(None);
+        }
+        let clusters: Vec<Result<KubeCluster>> = std::thread::scope(|s| {
+            let started: Vec<_> = names
+                .iter()
+                .map(|n| s.spawn(move || KubeCluster::start(&format!("{test}-{n}"))))
+                .collect();
+            started
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow!("cluster start panicked"))?)
+                .collect()
+        });
+        let clusters = clusters.into_iter().collect::<Result<Vec<_>>>()?;
+        let root = TempDir::new(test)?;
+        let fabric = Fabric::new("fabric")?;
+        let mut peers = Vec::new();
+        for (name, c) in names.iter().zip(&clusters) {
+            peers.push(ProcPeer::start_on(&fabric, root.path(), name, Some(&c.kubeconfig)).await?);
+        }
+        for (i, c) in clusters.iter().enumerate() {
+            for (j, p) in peers.iter().enumerate() {
+                if i != j {
+                    c.apply(&peer_yaml(&p.name, p.gateway))?;
+                }
+            }
+            c.apply(ALLOW_ALL)?;
+        }
+        Ok(Some(Fleet {
+            peers,
+            clusters,
+            fabric,
+            root,
+        }))
+    }
+
+    pub fn cluster(&self, i: usize) -> Result<&KubeCluster> {
+        self.clusters
+            .get(i)
+            .ok_or_else(|| anyhow!("no cluster {i}"))
+    }
+
+    pub fn peer(&self, i: usize) -> Result<&ProcPeer> {
+        self.peers.get(i).ok_or_else(|| anyhow!("no peer {i}"))
+    }
+
+    pub fn peer_mut(&mut self, i: usize) -> Result<&mut ProcPeer> {
+        self.peers.get_mut(i).ok_or_else(|| anyhow!("no peer {i}"))
+    }
 }

@@ -459,6 +459,10 @@ pub fn gateway_config(files: &PeerFiles, cp: impl std::fmt::Display) -> dataplan
         admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         import_bind: [127, 0, 0, 1].into(),
         controlplane: cp.to_string(),
+        controlplane_host: None,
+        site_ca_file: None,
+        site_cert_file: None,
+        site_key_file: None,
         ca_file: files.ca.clone(),
         cert_file: files.cert.clone(),
         key_file: files.key.clone(),
@@ -538,6 +542,7 @@ pub fn allow_to_b() -> impl Fn(&v1::EgressRequest) -> v1::EgressResponse + Send 
         peer: PEER_B.into(),
         access_token: token_for(PEER_A, 60, 1),
         expires_unix_ms: ((fabric::clock::unix_secs() + 60) * 1000) as i64,
+        reusable: true,
     }
 }
 

@@ -109,6 +109,49 @@ pub struct ProcPeer {
     pub dp: Proc,
     /// Set: the control plane runs with `--platform k8s` on this cluster.
     pub kubeconfig: Option<PathBuf>,
+    /// Set (on Kubernetes): the planes talk over the site's mutual TLS.
+    pub site: Option<SiteFiles>,
+    /// Where the data plane reaches its control plane, when not at `grpc` (a stand-in
+    /// for the Kubernetes Service in front of several replicas).
+    pub controlplane_addr: Option<String>,
+}
+
+/// One deployment's site certificates (`site/` in the peer's directory), fresh from
+/// `fabric::certs::site()` as `deploy` makes them.
+pub struct SiteFiles {
+    pub ca: PathBuf,
+    pub controlplane: (PathBuf, PathBuf),
+    pub dataplane: (PathBuf, PathBuf),
+}
+
+impl SiteFiles {
+    pub fn write(dir: &Path) -> Result<SiteFiles> {
+        let site = fabric::certs::site()?;
+        std::fs::create_dir_all(dir)?;
+        let f = SiteFiles {
+            ca: dir.join("ca.pem"),
+            controlplane: (dir.join("controlplane.pem"), dir.join("controlplane.key")),
+            dataplane: (dir.join("dataplane.pem"), dir.join("dataplane.key")),
+        };
+        std::fs::write(&f.ca, &site.ca)?;
+        std::fs::write(&f.controlplane.0, &site.controlplane.chain)?;
+        std::fs::write(&f.controlplane.1, &site.controlplane.key)?;
+        std::fs::write(&f.dataplane.0, &site.dataplane.chain)?;
+        std::fs::write(&f.dataplane.1, &site.dataplane.key)?;
+        Ok(f)
+    }
+
+    /// The data plane's flags: its certificate, its key and the CA.
+    pub fn dataplane_args(&self) -> Vec<std::ffi::OsString> {
+        [
+            ("--site-ca-file", &self.ca),
+            ("--site-cert-file", &self.dataplane.0),
+            ("--site-key-file", &self.dataplane.1),
+        ]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.into(), path.into()])
+        .collect()
+    }
 }
 
 impl ProcPeer {
@@ -137,7 +180,12 @@ impl ProcPeer {
             cp: Proc(None),
             dp: Proc(None),
             kubeconfig: kubeconfig.map(Path::to_path_buf),
+            site: None,
+            controlplane_addr: None,
         };
+        if kubeconfig.is_some() {
+            p.site = Some(SiteFiles::write(&p.dir.join("site"))?);
+        }
         // A probed port can be taken (by another test's connection) before the process
         // binds it; such a start is retried on new ports.
         let mut attempt = 0;
@@ -166,46 +214,79 @@ impl ProcPeer {
 
     pub fn start_cp(&mut self) -> Result<()> {
         let log = self.dir.join("cl-controlplane.log");
+        self.cp = Proc::spawn(&mut self.cp_command(self.grpc, self.cp_admin)?, &log)?;
+        Ok(())
+    }
+
+    /// This peer's replica identity on Kubernetes (Lease holder) for the control
+    /// plane with admin port `admin`.
+    pub fn cp_identity(&self, admin: u16) -> String {
+        format!("{}-{admin}", self.name)
+    }
+
+    /// Another control plane replica of this peer, on its own ports (on Kubernetes:
+    /// the same cluster, so it competes for the Lease).
+    pub fn spawn_cp_replica(&self, grpc: u16, admin: u16) -> Result<Proc> {
+        let log = self.dir.join(format!("cl-controlplane-{admin}.log"));
+        Proc::spawn(&mut self.cp_command(grpc, admin)?, &log)
+    }
+
+    fn cp_command(&self, grpc: u16, admin: u16) -> Result<Command> {
         let mut cmd = Command::new(binary("cl-controlplane")?);
         match &self.kubeconfig {
             Some(k) => cmd
                 .env("KUBECONFIG", k)
                 .args(["--platform", "k8s", "--lease-duration-secs", "4"])
                 .arg("--identity")
-                .arg(format!("{}-{}", self.name, self.cp_admin)),
+                .arg(self.cp_identity(admin)),
             None => cmd.arg("--resources-dir").arg(self.resources()),
         };
-        self.cp = Proc::spawn(
-            cmd.arg("--grpc-addr")
-                .arg(format!("127.0.0.1:{}", self.grpc))
-                .arg("--admin-addr")
-                .arg(format!("127.0.0.1:{}", self.cp_admin))
-                .arg("--token-key-file")
-                .arg(self.dir.join("token.key"))
-                .arg("--ca-file")
-                .arg(&self.files.ca)
-                .arg("--cert-file")
-                .arg(&self.files.cert)
-                .arg("--key-file")
-                .arg(&self.files.key)
-                .args(["--peer-label", &format!("name={}", self.name)])
-                .args(["--scan-interval-ms", "50", "--peer-timeout-ms", "1000"]),
-            &log,
-        )?;
-        Ok(())
+        if let Some(site) = &self.site {
+            cmd.arg("--site-ca-file")
+                .arg(&site.ca)
+                .arg("--site-cert-file")
+                .arg(&site.controlplane.0)
+                .arg("--site-key-file")
+                .arg(&site.controlplane.1);
+        }
+        cmd.arg("--grpc-addr")
+            .arg(format!("127.0.0.1:{grpc}"))
+            .arg("--admin-addr")
+            .arg(format!("127.0.0.1:{admin}"))
+            .arg("--token-key-file")
+            .arg(self.dir.join("token.key"))
+            .arg("--ca-file")
+            .arg(&self.files.ca)
+            .arg("--cert-file")
+            .arg(&self.files.cert)
+            .arg("--key-file")
+            .arg(&self.files.key)
+            .args(["--peer-label", &format!("name={}", self.name)])
+            .args(["--scan-interval-ms", "50", "--peer-timeout-ms", "1000"]);
+        Ok(cmd)
     }
 
     pub fn start_dp(&mut self) -> Result<()> {
         let log = self.dir.join("cl-dataplane.log");
+        let mut cmd = Command::new(binary("cl-dataplane")?);
+        let cp = self
+            .controlplane_addr
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", self.grpc));
+        match &self.site {
+            // As on Kubernetes: the control plane by host, over the site's mutual TLS.
+            Some(site) => cmd
+                .arg("--controlplane-host")
+                .arg(cp)
+                .args(site.dataplane_args()),
+            None => cmd.arg("--controlplane").arg(cp),
+        };
         self.dp = Proc::spawn(
-            Command::new(binary("cl-dataplane")?)
-                .arg("--gateway-addr")
+            cmd.arg("--gateway-addr")
                 .arg(format!("127.0.0.1:{}", self.gateway))
                 .arg("--admin-addr")
                 .arg(format!("127.0.0.1:{}", self.dp_admin))
                 .args(["--import-bind", "127.0.0.1"])
-                .arg("--controlplane")
-                .arg(format!("127.0.0.1:{}", self.grpc))
                 .arg("--ca-file")
                 .arg(&self.files.ca)
                 .arg("--cert-file")

@@ -246,6 +246,7 @@ async fn refused_token_is_reported_and_the_client_reset() -> Result<()> {
             peer: PEER_B.into(),
             access_token: token_for(PEER_A, 60, 0), // an epoch B no longer accepts
             expires_unix_ms: ((fabric::clock::unix_secs() + 60) * 1000) as i64,
+            reusable: true,
             ..Default::default()
         });
     ensure!(refused(pair.import, T).await, "client not reset");

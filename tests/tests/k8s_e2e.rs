@@ -5,93 +5,47 @@
 //! exported services are echo servers here, on loopback, or on the loopback cluster
 //! IP of their Service (what kube-proxy would route).
 
-use std::time::Duration;
-
 use anyhow::{ensure, Result};
-use tests::k8s::{available, condition, KubeCluster};
+use tests::echo_round_trip;
+use tests::k8s::{export_yaml, import_yaml, retry, until, Fleet, KubeCluster, WAIT};
 use tests::procs::{free_port, ProcPeer};
-use tests::{echo_round_trip, Fabric, TempDir};
-
-const WAIT: Duration = Duration::from_secs(60);
-
-/// Calls `f` every 100 ms until it succeeds; after `deadline`, fails with its last error.
-async fn retry<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let end = tokio::time::Instant::now() + deadline;
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if tokio::time::Instant::now() > end => {
-                return Err(e.context(format!("{what}: not within {deadline:?}")))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
 
 /// Two clusters: A imports, B exports. Peers on both, allow-all in `default` on both.
 struct Pair {
-    a: KubeCluster,
-    b: KubeCluster,
+    // Dropped in this order: processes, clusters, files.
     _pa: ProcPeer,
     pb: ProcPeer,
-    _root: TempDir,
-}
-
-fn peer_yaml(name: &str, gateway: u16) -> String {
-    format!(
-        "apiVersion: clusterlink.net/v1alpha1\nkind: Peer\nmetadata: {{name: {name}, namespace: clusterlink-system}}\nspec:\n  gateways: [{{host: 127.0.0.1, port: {gateway}}}]\n"
-    )
-}
-
-const ALLOW_ALL: &str = "apiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\nmetadata: {name: allow-all, namespace: default}\nspec:\n  action: allow\n  from: [{workloadSelector: {}}]\n  to: [{workloadSelector: {}}]\n";
-
-fn export_yaml(name: &str, host: &str, port: u16) -> String {
-    format!(
-        "apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata: {{name: {name}, namespace: default}}\nspec: {{host: \"{host}\", port: {port}}}\n"
-    )
-}
-
-fn import_yaml(name: &str, port: u16, target: u16, peer: &str, export: &str) -> String {
-    format!(
-        "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  port: {port}\n  targetPort: {target}\n  sources: [{{peer: {peer}, exportName: {export}, exportNamespace: default}}]\n"
-    )
+    a: KubeCluster,
+    b: KubeCluster,
+    _root: tests::TempDir,
 }
 
 impl Pair {
     async fn start(test: &str) -> Result<Option<Pair>> {
-        if !available(test)? {
+        let Some(f) = Fleet::start(test, &["peer-a", "peer-b"]).await? else {
             return Ok(None);
-        }
-        let (a, b) = std::thread::scope(|s| {
-            let a = s.spawn(|| KubeCluster::start(&format!("{test}-a")));
-            let b = KubeCluster::start(&format!("{test}-b"));
-            (a.join(), b)
-        });
-        let a = a.map_err(|_| anyhow::anyhow!("cluster start panicked"))??;
-        let b = b?;
-        let root = TempDir::new(test)?;
-        let fabric = Fabric::new("fabric")?;
-        let pa = ProcPeer::start_on(&fabric, root.path(), "peer-a", Some(&a.kubeconfig)).await?;
-        let pb = ProcPeer::start_on(&fabric, root.path(), "peer-b", Some(&b.kubeconfig)).await?;
-        a.apply(&peer_yaml("peer-b", pb.gateway))?;
-        b.apply(&peer_yaml("peer-a", pa.gateway))?;
-        a.apply(ALLOW_ALL)?;
-        b.apply(ALLOW_ALL)?;
+        };
+        let Fleet {
+            peers,
+            clusters,
+            root,
+            ..
+        } = f;
+        let (Ok([pa, pb]), Ok([a, b])) = (
+            <[ProcPeer; 2]>::try_from(peers),
+            <[KubeCluster; 2]>::try_from(clusters),
+        ) else {
+            anyhow::bail!("a fleet of two");
+        };
         Ok(Some(Pair {
-            a,
-            b,
             _pa: pa,
             pb,
+            a,
+            b,
             _root: root,
         }))
     }
-}
 
-impl Pair {
     /// An echo server exported by B as default/echo, imported by A as default/echo
     /// on port 9000 with a free target port; returns once traffic flows.
     async fn echo_import(&self) -> Result<(u16, std::net::SocketAddr)> {
@@ -111,23 +65,6 @@ async fn flows(addr: std::net::SocketAddr) -> Result<()> {
     let got = echo_round_trip(addr, b"hello through the fabric").await?;
     ensure!(got == b"hello through the fabric", "echo returned {got:?}");
     Ok(())
-}
-
-/// Waits until condition `ty` of `kind`/`name` (Peers in the ClusterLink namespace,
-/// the rest in `default`) has status `want`.
-async fn until(c: &KubeCluster, kind: &str, name: &str, ty: &str, want: &str) -> Result<()> {
-    let ns = if kind == "peer" {
-        "clusterlink-system"
-    } else {
-        "default"
-    };
-    let path = condition(ty);
-    retry(&format!("{kind} {name} {ty} == {want:?}"), WAIT, || async {
-        let got = c.jsonpath(kind, ns, name, &path)?;
-        ensure!(got == want, "is {got:?}");
-        Ok(())
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,22 +28,29 @@ pub async fn elect(
         .build()
         .await
         .map_err(|e| Error::Lease(e.to_string()))?;
-    let (rx, task) = manager.watch().await;
-    let mut log = rx.clone();
+    let (inner, task) = manager.watch().await;
+    // Our own channel, so that leadership reads false once the election has stopped
+    // (the manager's channel would keep its last value).
+    let (tx, rx) = watch::channel(*inner.borrow());
+    let mut follow = inner;
     let handle = tokio::spawn(async move {
         let identity = kube.identity.clone();
-        let logger = async {
-            while log.changed().await.is_ok() {
-                let leading = *log.borrow_and_update();
+        let forward = async {
+            while follow.changed().await.is_ok() {
+                let leading = *follow.borrow_and_update();
                 tracing::info!(identity = %identity, leading, "leadership changed");
+                tx.send_replace(leading);
             }
         };
         tokio::select! {
-            r = task => if let Ok(Err(e)) = r {
-                tracing::error!(error = %e, "leader election stopped");
+            r = task => match r {
+                Ok(Err(e)) => tracing::error!(error = %e, "leader election stopped"),
+                Err(e) => tracing::error!(error = %e, "leader election stopped"),
+                Ok(Ok(_)) => tracing::warn!("leader election ended"),
             },
-            () = logger => {}
+            () = forward => tracing::error!("leader election stopped"),
         }
+        tx.send_replace(false);
     });
     Ok((rx, handle))
 }
