@@ -4,6 +4,7 @@
 mod certs;
 mod deploy;
 mod http;
+mod k8s;
 mod layout;
 mod quickstart;
 mod resources;
@@ -106,9 +107,11 @@ enum Platform {
 
 #[derive(Subcommand)]
 enum Deploy {
-    /// Run a peer's control plane and data plane in the foreground until Ctrl-C.
+    /// Run a peer on this machine (--platform local: both planes in the foreground
+    /// until Ctrl-C), or render its Kubernetes deployment (--platform k8s --start
+    /// none: <path>/<fabric>/<name>/k8s.yaml).
     #[command(
-        after_help = "Example:\n  clusterlink deploy peer --name peer-a --fabric myfabric --path ./fabrics --platform local --peer-label env=dev"
+        after_help = "Examples:\n  clusterlink deploy peer --name peer-a --fabric myfabric --path ./fabrics --platform local --peer-label env=dev\n  clusterlink deploy peer --name peer-a --fabric myfabric --platform k8s --start none --ingress NodePort --ingress-port 30443"
     )]
     Peer {
         #[command(flatten)]
@@ -133,7 +136,44 @@ enum Deploy {
         /// Seconds in-flight connections get when the peer stops.
         #[arg(long, default_value_t = 10.0)]
         drain_timeout: f64,
+        #[command(flatten)]
+        k8s: K8sFlags,
     },
+}
+
+/// `deploy peer --platform k8s` (ClusterLink's flags).
+#[derive(Args)]
+#[command(next_help_heading = "Kubernetes (--platform k8s)")]
+struct K8sFlags {
+    /// The ClusterLink namespace.
+    #[arg(long, default_value = "clusterlink-system")]
+    namespace: String,
+    /// none: render <path>/<fabric>/<name>/k8s.yaml for kubectl apply.
+    #[arg(long, value_enum, default_value = "all")]
+    start: k8s::Start,
+    /// The gateway Service's type.
+    #[arg(long, value_enum, default_value = "LoadBalancer")]
+    ingress: k8s::Ingress,
+    /// LoadBalancer: the Service port. NodePort: the node port (30000-32767); 443
+    /// lets the API server pick one.
+    #[arg(long, default_value_t = 443)]
+    ingress_port: u16,
+    /// Annotation key=value on the gateway Service (repeatable).
+    #[arg(long = "ingress-annotations")]
+    ingress_annotations: Vec<String>,
+    /// ClusterLink's data plane choice; both run our cl-dataplane.
+    #[arg(long, value_enum, default_value = "envoy")]
+    dataplane: k8s::Dataplane,
+    #[arg(long, default_value_t = 1)]
+    dataplane_replicas: u16,
+    #[arg(long, default_value_t = 1)]
+    controlplane_replicas: u16,
+    /// Image registry prefix: images are <registry>/cl-controlplane:<tag> and so on
+    /// ("" for bare names). The default is what docker/build.sh tags locally.
+    #[arg(long, default_value = "localhost")]
+    container_registry: String,
+    #[arg(long, default_value = "latest")]
+    tag: String,
 }
 
 #[derive(Args)]
@@ -237,9 +277,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             peer_labels,
             log_level,
             drain_timeout,
+            k8s,
         }) => {
             if platform == Platform::K8s {
-                anyhow::bail!("--platform k8s is not yet supported; use --platform local");
+                let out = k8s::deploy(&k8s::Options {
+                    base: at.path,
+                    fabric: at.fabric,
+                    peer: at.name,
+                    namespace: k8s.namespace,
+                    start: k8s.start,
+                    ingress: k8s.ingress,
+                    ingress_port: k8s.ingress_port,
+                    ingress_annotations: k8s.ingress_annotations,
+                    dataplane: k8s.dataplane,
+                    dataplane_replicas: k8s.dataplane_replicas,
+                    controlplane_replicas: k8s.controlplane_replicas,
+                    labels: peer_labels,
+                    registry: k8s.container_registry,
+                    tag: k8s.tag,
+                    log_level,
+                })?;
+                println!(
+                    "wrote {} (apply it with: kubectl apply --server-side -f {})",
+                    out.display(),
+                    out.display()
+                );
+                return Ok(());
             }
             deploy::run(deploy::Options {
                 base: at.path,

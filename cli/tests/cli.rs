@@ -1122,20 +1122,22 @@ fn deploy_get_reachability() -> Result<()> {
 }
 
 #[test]
-fn deploy_k8s_not_supported() -> Result<()> {
+fn deploy_k8s_without_certificates_names_the_folder() -> Result<()> {
     let t = TempDir::new("k8s")?;
     run([
         "deploy",
         "peer",
         "--platform",
         "k8s",
+        "--start",
+        "none",
         "--name",
         "a",
         "--path",
         t.str()?,
     ])?
     .fails("deploy --platform k8s")?
-    .stderr_has("deploy --platform k8s", "not yet supported")?;
+    .stderr_has("deploy --platform k8s", "default_fabric/a not found")?;
     ensure!(files_in(t.path())?.is_empty());
     Ok(())
 }

@@ -134,19 +134,13 @@ impl Config {
     /// The site files the gRPC port serves TLS with: those given, ClusterLink's mount
     /// paths for the rest; always on Kubernetes, where data planes are other pods.
     pub fn site_paths(&self) -> Option<fabric::identity::CertPaths> {
-        use fabric::site;
-        let given = self.site_ca_file.is_some()
-            || self.site_cert_file.is_some()
-            || self.site_key_file.is_some();
-        if !given && self.platform != Platform::K8s {
-            return None;
-        }
-        let or = |p: &Option<PathBuf>, d: &str| p.clone().unwrap_or_else(|| PathBuf::from(d));
-        Some(fabric::identity::CertPaths {
-            ca: or(&self.site_ca_file, site::CA_PATH),
-            cert: or(&self.site_cert_file, site::CONTROLPLANE_CERT_PATH),
-            key: or(&self.site_key_file, site::CONTROLPLANE_KEY_PATH),
-        })
+        fabric::site::paths(
+            self.site_ca_file.as_deref(),
+            self.site_cert_file.as_deref(),
+            self.site_key_file.as_deref(),
+            fabric::site::Role::ControlPlane,
+            self.platform == Platform::K8s,
+        )
     }
 }
 

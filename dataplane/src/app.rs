@@ -127,19 +127,13 @@ impl Config {
     /// mount paths for the rest; none (plain or Unix socket) unless some are given or
     /// --controlplane-host is.
     pub fn site_paths(&self) -> Option<CertPaths> {
-        use fabric::site;
-        let given = self.site_ca_file.is_some()
-            || self.site_cert_file.is_some()
-            || self.site_key_file.is_some();
-        if !given && self.controlplane_host.is_none() {
-            return None;
-        }
-        let or = |p: &Option<PathBuf>, d: &str| p.clone().unwrap_or_else(|| PathBuf::from(d));
-        Some(CertPaths {
-            ca: or(&self.site_ca_file, site::CA_PATH),
-            cert: or(&self.site_cert_file, site::DATAPLANE_CERT_PATH),
-            key: or(&self.site_key_file, site::DATAPLANE_KEY_PATH),
-        })
+        fabric::site::paths(
+            self.site_ca_file.as_deref(),
+            self.site_cert_file.as_deref(),
+            self.site_key_file.as_deref(),
+            fabric::site::Role::DataPlane,
+            self.controlplane_host.is_some(),
+        )
     }
 }
 

@@ -43,6 +43,38 @@ pub const CONTROLPLANE_KEY_PATH: &str = "/etc/ssl/key/clink-controlplane.pem";
 pub const DATAPLANE_CERT_PATH: &str = "/etc/ssl/certs/clink-dataplane.pem";
 pub const DATAPLANE_KEY_PATH: &str = "/etc/ssl/key/clink-dataplane.pem";
 
+/// Which end of the gRPC API a component is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    ControlPlane,
+    DataPlane,
+}
+
+/// The site files from a component's three optional flags: those given, and
+/// ClusterLink's mount paths for `role` for the rest; `None` (no site TLS) when none
+/// is given, unless `always`.
+pub fn paths(
+    ca: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    role: Role,
+    always: bool,
+) -> Option<CertPaths> {
+    if ca.is_none() && cert.is_none() && key.is_none() && !always {
+        return None;
+    }
+    let (cert_default, key_default) = match role {
+        Role::ControlPlane => (CONTROLPLANE_CERT_PATH, CONTROLPLANE_KEY_PATH),
+        Role::DataPlane => (DATAPLANE_CERT_PATH, DATAPLANE_KEY_PATH),
+    };
+    let or = |p: Option<&Path>, d: &str| p.map_or_else(|| PathBuf::from(d), Path::to_path_buf);
+    Some(CertPaths {
+        ca: or(ca, CA_PATH),
+        cert: or(cert, cert_default),
+        key: or(key, key_default),
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]

@@ -4,8 +4,8 @@
 //! when dropped. The tests that need one skip with a message when the environment
 //! has no test cluster (`CL_TEST_KUBECTL` unset), except under CI, where they fail.
 //! `Fleet` is the end-to-end topology: one cluster per peer, each with its control
-//! plane (`--platform k8s`) and data plane as processes, Peers and allow-all made
-//! with kubectl; the YAML builders and `until` serve the scenarios on top of it.
+//! plane (`--platform k8s`, as the rendered ServiceAccount with the rendered RBAC)
+//! and data plane as processes, Peers and allow-all made with kubectl; the YAML builders and `until` serve the scenarios on top of it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -179,6 +179,41 @@ impl KubeCluster {
         Ok(c)
     }
 
+    /// A kubeconfig that authenticates as ServiceAccount `ns`/`name` (a token from
+    /// the TokenRequest API, valid for a day), for a process to run with exactly the
+    /// rights its pod would have.
+    pub fn service_account_kubeconfig(&self, ns: &str, name: &str) -> Result<PathBuf> {
+        let token = self.ok(&["create", "token", name, "-n", ns, "--duration=24h"])?;
+        let server = self.ok(&[
+            "config",
+            "view",
+            "-o",
+            "jsonpath={.clusters[0].cluster.server}",
+        ])?;
+        let path = self.dir.path().join(format!("kubeconfig-{ns}-{name}"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: {name}\n  user:\n    token: {}\ncontexts:\n- name: test\n  context: {{cluster: test, user: {name}}}\ncurrent-context: test\n",
+                server.trim(),
+                self.dir.path().join("ca.crt").display(),
+                token.trim()
+            ),
+        )?;
+        Ok(path)
+    }
+
+    /// The control plane's ServiceAccounts and RBAC as `deploy peer` renders them,
+    /// and a kubeconfig for its ServiceAccount: the end-to-end tests run the control
+    /// plane with the rights the deployment gives it.
+    pub fn install_controlplane_rbac(&self) -> Result<PathBuf> {
+        let spec: crds::InstanceSpec = serde_json::from_value(serde_json::json!({}))?;
+        for object in operator::manifests::rbac(&spec, &operator::manifests::Options::default())? {
+            self.apply(&serde_json::to_string(&object)?)?;
+        }
+        self.service_account_kubeconfig("clusterlink-system", operator::manifests::CONTROLPLANE)
+    }
+
     /// An address of this cluster's Service range (`127.N.0.i`), for a Service with
     /// an explicit cluster IP; `i` from 10 up (the API server takes .1 itself).
     pub fn service_ip(&self, i: u8) -> String {
@@ -306,7 +341,8 @@ impl Fleet {
         let fabric = Fabric::new("fabric")?;
         let mut peers = Vec::new();
         for (name, c) in names.iter().zip(&clusters) {
-            peers.push(ProcPeer::start_on(&fabric, root.path(), name, Some(&c.kubeconfig)).await?);
+            let kubeconfig = c.install_controlplane_rbac()?;
+            peers.push(ProcPeer::start_on(&fabric, root.path(), name, Some(&kubeconfig)).await?);
         }
         for (i, c) in clusters.iter().enumerate() {
             for (j, p) in peers.iter().enumerate() {

@@ -28,6 +28,32 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// `args` with the value after each given flag replaced; every flag must be there
+/// once, so that a flag the rendered Deployment loses or renames fails the tests
+/// instead of going unnoticed.
+pub fn rewrite(
+    args: Vec<String>,
+    values: &[(&str, std::ffi::OsString)],
+) -> Result<Vec<std::ffi::OsString>> {
+    let mut out: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    for (flag, value) in values {
+        let at: Vec<usize> = out
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.as_os_str() == std::ffi::OsStr::new(flag))
+            .map(|(i, _)| i)
+            .collect();
+        match at.as_slice() {
+            [i] if *i + 1 < out.len() => out[*i + 1] = value.clone(),
+            _ => bail!(
+                "the rendered arguments have {flag} {} times: {out:?}",
+                at.len()
+            ),
+        }
+    }
+    Ok(out)
+}
+
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -233,37 +259,56 @@ impl ProcPeer {
 
     fn cp_command(&self, grpc: u16, admin: u16) -> Result<Command> {
         let mut cmd = Command::new(binary("cl-controlplane")?);
-        match &self.kubeconfig {
-            Some(k) => cmd
-                .env("KUBECONFIG", k)
-                .args(["--platform", "k8s", "--lease-duration-secs", "4"])
-                .arg("--identity")
-                .arg(self.cp_identity(admin)),
-            None => cmd.arg("--resources-dir").arg(self.resources()),
+        let (Some(kubeconfig), Some(site)) = (&self.kubeconfig, &self.site) else {
+            cmd.arg("--resources-dir")
+                .arg(self.resources())
+                .arg("--grpc-addr")
+                .arg(format!("127.0.0.1:{grpc}"))
+                .arg("--admin-addr")
+                .arg(format!("127.0.0.1:{admin}"))
+                .arg("--token-key-file")
+                .arg(self.dir.join("token.key"))
+                .arg("--ca-file")
+                .arg(&self.files.ca)
+                .arg("--cert-file")
+                .arg(&self.files.cert)
+                .arg("--key-file")
+                .arg(&self.files.key)
+                .args(["--peer-label", &format!("name={}", self.name)])
+                .args(["--scan-interval-ms", "50", "--peer-timeout-ms", "1000"]);
+            return Ok(cmd);
         };
-        if let Some(site) = &self.site {
-            cmd.arg("--site-ca-file")
-                .arg(&site.ca)
-                .arg("--site-cert-file")
-                .arg(&site.controlplane.0)
-                .arg("--site-key-file")
-                .arg(&site.controlplane.1);
-        }
-        cmd.arg("--grpc-addr")
-            .arg(format!("127.0.0.1:{grpc}"))
-            .arg("--admin-addr")
-            .arg(format!("127.0.0.1:{admin}"))
-            .arg("--token-key-file")
-            .arg(self.dir.join("token.key"))
-            .arg("--ca-file")
-            .arg(&self.files.ca)
-            .arg("--cert-file")
-            .arg(&self.files.cert)
-            .arg("--key-file")
-            .arg(&self.files.key)
-            .args(["--peer-label", &format!("name={}", self.name)])
+        // On Kubernetes: the rendered Deployment's arguments and environment, with
+        // this machine's ports and files in place of the pod's.
+        let args = rewrite(
+            operator::manifests::controlplane_args(&self.instance_spec()?),
+            &[
+                ("--grpc-addr", format!("127.0.0.1:{grpc}").into()),
+                ("--admin-addr", format!("127.0.0.1:{admin}").into()),
+                ("--ca-file", self.files.ca.clone().into()),
+                ("--cert-file", self.files.cert.clone().into()),
+                ("--key-file", self.files.key.clone().into()),
+                ("--site-ca-file", site.ca.clone().into()),
+                ("--site-cert-file", site.controlplane.0.clone().into()),
+                ("--site-key-file", site.controlplane.1.clone().into()),
+            ],
+        )?;
+        cmd.args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("CL_NAMESPACE", "clusterlink-system")
+            .env("CL_POD_NAME", self.cp_identity(admin))
+            // Faster than in a cluster, for the tests' sake.
+            .args(["--lease-duration-secs", "4"])
             .args(["--scan-interval-ms", "50", "--peer-timeout-ms", "1000"]);
         Ok(cmd)
+    }
+
+    /// The Instance this peer's processes stand for: ClusterLink's defaults, and the
+    /// peer label `name=<peer>`.
+    fn instance_spec(&self) -> Result<crds::InstanceSpec> {
+        Ok(serde_json::from_value(
+            serde_json::json!({"peerLabels": {"name": self.name}}),
+        )?)
     }
 
     pub fn start_dp(&mut self) -> Result<()> {
@@ -274,15 +319,33 @@ impl ProcPeer {
             .clone()
             .unwrap_or_else(|| format!("127.0.0.1:{}", self.grpc));
         match &self.site {
-            // As on Kubernetes: the control plane by host, over the site's mutual TLS.
-            Some(site) => cmd
-                .arg("--controlplane-host")
+            // On Kubernetes: the rendered Deployment's arguments, with this machine's
+            // ports and files.
+            Some(site) => cmd.args(rewrite(
+                operator::manifests::dataplane_args(&self.instance_spec()?),
+                &[
+                    ("--controlplane-host", cp.into()),
+                    (
+                        "--gateway-addr",
+                        format!("127.0.0.1:{}", self.gateway).into(),
+                    ),
+                    (
+                        "--admin-addr",
+                        format!("127.0.0.1:{}", self.dp_admin).into(),
+                    ),
+                    ("--import-bind", "127.0.0.1".into()),
+                    ("--ca-file", self.files.ca.clone().into()),
+                    ("--cert-file", self.files.cert.clone().into()),
+                    ("--key-file", self.files.key.clone().into()),
+                    ("--site-ca-file", site.ca.clone().into()),
+                    ("--site-cert-file", site.dataplane.0.clone().into()),
+                    ("--site-key-file", site.dataplane.1.clone().into()),
+                ],
+            )?),
+            None => cmd
+                .arg("--controlplane")
                 .arg(cp)
-                .args(site.dataplane_args()),
-            None => cmd.arg("--controlplane").arg(cp),
-        };
-        self.dp = Proc::spawn(
-            cmd.arg("--gateway-addr")
+                .arg("--gateway-addr")
                 .arg(format!("127.0.0.1:{}", self.gateway))
                 .arg("--admin-addr")
                 .arg(format!("127.0.0.1:{}", self.dp_admin))
@@ -292,8 +355,10 @@ impl ProcPeer {
                 .arg("--cert-file")
                 .arg(&self.files.cert)
                 .arg("--key-file")
-                .arg(&self.files.key)
-                .args(["--drain-timeout", "2", "--cert-reload-ms", "200"]),
+                .arg(&self.files.key),
+        };
+        self.dp = Proc::spawn(
+            cmd.args(["--drain-timeout", "2", "--cert-reload-ms", "200"]),
             &log,
         )?;
         Ok(())

@@ -177,3 +177,51 @@ pub async fn access(import: SocketAddr) -> Option<String> {
         .ok()?;
     (!out.is_empty()).then_some(out)
 }
+
+/// `n` accesses through an import, one after the other.
+pub async fn accesses(import: SocketAddr, n: usize) -> Vec<Option<String>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(access(import).await);
+    }
+    out
+}
+
+/// Whether every access was served by `name`.
+pub fn all(got: &[Option<String>], name: &str) -> bool {
+    got.iter().all(|a| a.as_deref() == Some(name))
+}
+
+/// The peers that served some of the accesses.
+pub fn names(got: &[Option<String>]) -> std::collections::BTreeSet<&str> {
+    got.iter().flatten().map(String::as_str).collect()
+}
+
+/// Round-robin over `sources` (spec §7.2): once every source serves, one access and
+/// then 30 more, which must follow the list cyclically from the first one's phase.
+pub async fn check_round_robin(import: SocketAddr, sources: &[&str]) -> anyhow::Result<()> {
+    let first = access(import)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("access failed after the warm-up"))?;
+    let start = sources
+        .iter()
+        .position(|n| *n == first)
+        .ok_or_else(|| anyhow::anyhow!("unexpected answer {first:?}"))?;
+    let got = accesses(import, 30).await;
+    let want: Vec<Option<String>> = (1..=30)
+        .map(|i| Some(sources[(start + i) % sources.len()].to_owned()))
+        .collect();
+    anyhow::ensure!(
+        got == want,
+        "round-robin after {first}: got {got:?}, want {want:?}"
+    );
+    Ok(())
+}
+
+/// Whether the accesses alternate strictly between `a` and `b` (§7.2's round-robin
+/// with the first source gone: its failover consumes a counter step).
+pub fn alternates(got: &[Option<String>], a: &str, b: &str) -> bool {
+    got.iter()
+        .all(|x| x.as_deref() == Some(a) || x.as_deref() == Some(b))
+        && got.windows(2).all(|w| w[0] != w[1])
+}

@@ -189,15 +189,6 @@ async fn gone(site: &Site, path: &str) -> Result<()> {
 
 // ---------------------------------------------------------------- access
 
-/// `n` accesses through the import, one after the other.
-async fn accesses(import: SocketAddr, n: usize) -> Vec<Option<String>> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(access(import).await);
-    }
-    out
-}
-
 /// Waits until one access gets `want` (`None`: refused), then checks that 3 more in a
 /// row get the same.
 async fn expect(import: SocketAddr, want: Option<&str>, step: &str) -> Result<()> {
@@ -238,14 +229,6 @@ async fn settle(
     })
     .await
     .map_err(|e| anyhow!("{e}; last window of 3 accesses: {last:?}"))
-}
-
-fn all(got: &[Option<String>], name: &str) -> bool {
-    got.iter().all(|a| a.as_deref() == Some(name))
-}
-
-fn names(got: &[Option<String>]) -> BTreeSet<&str> {
-    got.iter().flatten().map(String::as_str).collect()
 }
 
 // ---------------------------------------------------------------- load balancing
@@ -345,21 +328,7 @@ async fn load_balancing_round_robin() -> Result<()> {
     .await?;
     // The counter advances by one per connection: from the phase of the first answer
     // on, the sources follow in list order, cyclically.
-    let first = access(import)
-        .await
-        .ok_or_else(|| anyhow!("access failed after the warm-up"))?;
-    let start = NAMES
-        .iter()
-        .position(|n| *n == first)
-        .ok_or_else(|| anyhow!("unexpected answer {first:?}"))?;
-    let got = accesses(import, 30).await;
-    let want: Vec<Option<String>> = (1..=30)
-        .map(|i| Some(NAMES[(start + i) % 3].to_owned()))
-        .collect();
-    ensure!(
-        got == want,
-        "round-robin after {first}: got {got:?}, want {want:?}"
-    );
+    check_round_robin(import, &NAMES).await?;
 
     // Without cl0's export: a pick of cl0 fails over to cl1 and consumes a counter
     // step, so connections alternate strictly between cl1 and cl2.
@@ -369,12 +338,8 @@ async fn load_balancing_round_robin() -> Result<()> {
     })
     .await?;
     let got = accesses(import, 30).await;
-    let alternates = got
-        .iter()
-        .all(|a| matches!(a.as_deref(), Some("cl1" | "cl2")))
-        && got.windows(2).all(|w| w[0] != w[1]);
     ensure!(
-        alternates,
+        alternates(&got, "cl1", "cl2"),
         "without cl0's export, expected strict cl1/cl2 alternation, got {got:?}"
     );
 

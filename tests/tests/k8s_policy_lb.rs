@@ -7,10 +7,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{ensure, Result};
 use tests::k8s::{peer_yaml, retry, until, Fleet, Kubectl, WAIT};
 use tests::procs::free_port;
-use tests::site::{access, start_name_server};
+use tests::site::{access, accesses, all, alternates, check_round_robin, start_name_server};
 use tests::{http_get, metric};
 
 /// How long a resource change may take to show in what new connections get.
@@ -123,14 +123,6 @@ impl<'a> Policy<'a> {
 
 // ---------------------------------------------------------------- access
 
-async fn accesses(import: SocketAddr, n: usize) -> Vec<Option<String>> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(access(import).await);
-    }
-    out
-}
-
 /// Where the importing side is watched: its import listener and its data plane's
 /// admin port, whose `clusterlink_authorization_denials_total{direction="outbound",
 /// reason="policy"}` tells a policy refusal from any other failure.
@@ -229,10 +221,6 @@ async fn settle(
     .await
 }
 
-fn all(got: &[Option<String>], name: &str) -> bool {
-    got.iter().all(|a| a.as_deref() == Some(name))
-}
-
 // ---------------------------------------------------------------- load balancing
 
 const NAMES: [&str; 3] = ["cl0", "cl1", "cl2"];
@@ -280,21 +268,7 @@ async fn k8s_load_balancing_round_robin_and_static() -> Result<()> {
         Ok(())
     })
     .await?;
-    let first = access(rr)
-        .await
-        .ok_or_else(|| anyhow!("access failed after the warm-up"))?;
-    let start = NAMES
-        .iter()
-        .position(|n| *n == first)
-        .ok_or_else(|| anyhow!("unexpected answer {first:?}"))?;
-    let got = accesses(rr, 30).await;
-    let want: Vec<Option<String>> = (1..=30)
-        .map(|i| Some(NAMES[(start + i) % 3].to_owned()))
-        .collect();
-    ensure!(
-        got == want,
-        "round-robin after {first}: got {got:?}, want {want:?}"
-    );
+    check_round_robin(rr, &NAMES).await?;
     // Static: the first source serves every connection.
     expect(at_st, Some("cl0"), "static: the first source serves").await?;
     let got = accesses(st, 30).await;
@@ -307,12 +281,8 @@ async fn k8s_load_balancing_round_robin_and_static() -> Result<()> {
     })
     .await?;
     let got = accesses(rr, 30).await;
-    let alternates = got
-        .iter()
-        .all(|a| matches!(a.as_deref(), Some("cl1" | "cl2")))
-        && got.windows(2).all(|w| w[0] != w[1]);
     ensure!(
-        alternates,
+        alternates(&got, "cl1", "cl2"),
         "without cl0's export, expected strict cl1/cl2 alternation, got {got:?}"
     );
     settle(st, "static: cl1 takes over", |w| all(w, "cl1")).await?;
