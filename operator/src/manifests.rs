@@ -799,6 +799,149 @@ pub fn gateway_service(spec: &InstanceSpec, opts: &Options) -> Option<Service> {
     })
 }
 
+// ---------------------------------------------------------------- the operator
+
+/// The operator's own name and namespace (ClusterLink's).
+pub const OPERATOR: &str = "cl-operator";
+pub const OPERATOR_NAMESPACE: &str = "clusterlink-operator";
+pub const OPERATOR_ADMIN_PORT: i32 = 8081;
+
+/// What cl-operator does: reconcile Instances into the objects above. Kubernetes
+/// lets it grant the control plane's rights only if it holds them itself, so its
+/// role includes those of the control plane's ClusterRole and Role.
+pub fn operator_cluster_role(spec: &InstanceSpec, opts: &Options) -> ClusterRole {
+    const ALL: &[&str] = &[
+        "get", "list", "watch", "create", "update", "patch", "delete",
+    ];
+    let mut rules = vec![
+        rule(
+            &["clusterlink.net"],
+            &["instances"],
+            &["get", "list", "watch", "update", "patch"],
+        ),
+        rule(
+            &["clusterlink.net"],
+            &["instances/status", "instances/finalizers"],
+            &["get", "update", "patch"],
+        ),
+        rule(&["apps"], &["deployments"], ALL),
+        rule(&[""], &["services", "serviceaccounts"], ALL),
+        rule(&[""], &["secrets"], READ),
+        rule(&[""], &["namespaces", "nodes"], READ),
+        rule(
+            &["rbac.authorization.k8s.io"],
+            &[
+                "clusterroles",
+                "clusterrolebindings",
+                "roles",
+                "rolebindings",
+            ],
+            ALL,
+        ),
+        rule(
+            &["coordination.k8s.io"],
+            &["leases"],
+            &["get", "list", "watch", "create", "update", "patch"],
+        ),
+    ];
+    rules.extend(cluster_role(spec, opts).rules.unwrap_or_default());
+    rules.extend(role(spec, opts).rules.unwrap_or_default());
+    ClusterRole {
+        metadata: meta(OPERATOR, None, labels("operator", opts, None)),
+        rules: Some(rules),
+        ..Default::default()
+    }
+}
+
+/// The operator's namespace, ServiceAccount, ClusterRole and ClusterRoleBinding.
+pub fn operator_rbac(spec: &InstanceSpec, opts: &Options) -> Result<Vec<serde_json::Value>, Error> {
+    let ns = Namespace {
+        metadata: meta(OPERATOR_NAMESPACE, None, labels("operator", opts, None)),
+        ..Default::default()
+    };
+    let sa = ServiceAccount {
+        metadata: meta(
+            OPERATOR,
+            Some(OPERATOR_NAMESPACE),
+            labels("operator", opts, None),
+        ),
+        ..Default::default()
+    };
+    let binding = ClusterRoleBinding {
+        metadata: meta(OPERATOR, None, labels("operator", opts, None)),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: OPERATOR.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: OPERATOR.into(),
+            namespace: Some(OPERATOR_NAMESPACE.into()),
+            ..Default::default()
+        }]),
+    };
+    Ok(vec![
+        value("Namespace", &ns)?,
+        value("ServiceAccount", &sa)?,
+        value("ClusterRole", &operator_cluster_role(spec, opts))?,
+        value("ClusterRoleBinding", &binding)?,
+    ])
+}
+
+/// cl-operator's arguments in its pod.
+pub fn operator_args(spec: &InstanceSpec) -> Vec<String> {
+    vec![
+        "--leader-elect".into(),
+        "--log-level".into(),
+        log_filter(spec.log_level).into(),
+        "--admin-addr".into(),
+        format!("0.0.0.0:{OPERATOR_ADMIN_PORT}"),
+    ]
+}
+
+/// Deployment `cl-operator` in `clusterlink-operator` (image from the spec's
+/// registry and tag).
+pub fn operator_deployment(spec: &InstanceSpec, opts: &Options) -> Deployment {
+    let operator_spec = InstanceSpec {
+        namespace: OPERATOR_NAMESPACE.into(),
+        ..spec.clone()
+    };
+    let mut d = deployment(
+        &operator_spec,
+        opts,
+        Plane {
+            app: OPERATOR,
+            component: "operator",
+            container: OPERATOR,
+            replicas: 1,
+            args: operator_args(spec),
+            env: vec![
+                env_from_field("CL_NAMESPACE", "metadata.namespace"),
+                env_from_field("CL_POD_NAME", "metadata.name"),
+            ],
+            ports: vec![("admin", OPERATOR_ADMIN_PORT)],
+            admin: "admin",
+            files: &[],
+            requests: ("50m", "64Mi"),
+        },
+    );
+    // No certificates: no volumes, and probes on the operator's own paths.
+    if let Some(pod) = d.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        pod.volumes = None;
+        pod.automount_service_account_token = Some(true);
+        if let Some(c) = pod.containers.first_mut() {
+            c.volume_mounts = None;
+            c.readiness_probe = Some(http_probe("/readyz", "admin", 5));
+            c.liveness_probe = Some(Probe {
+                failure_threshold: Some(6),
+                ..http_probe("/healthz", "admin", 10)
+            });
+        }
+    }
+    d
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("serializing {what}: {source}")]

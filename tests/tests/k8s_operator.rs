@@ -1,7 +1,8 @@
 //! cl-operator against a real API server (with kube-controller-manager, so
 //! Deployments make ReplicaSets and Pods; no kubelet, so the test marks pods ready
 //! through the status subresource): an Instance becomes the deployment of
-//! `operator::manifests`, ingress changes are applied, status follows the
+//! `operator::manifests`, made by the operator running as its rendered ServiceAccount
+//! and RBAC; ingress changes are applied, status follows the
 //! Deployments, one Instance owns a namespace at a time, and deletion cleans up.
 
 use std::net::SocketAddr;
@@ -105,7 +106,15 @@ async fn k8s_operator_reconciles_instances() -> Result<()> {
     }
     let c = KubeCluster::start("k8s-operator")?;
     let work = TempDir::new("k8s-operator-files")?;
-    c.ok(&["create", "namespace", OP_NS])?;
+    // The operator's namespace, ServiceAccount and RBAC as the install renders them;
+    // the operator runs as that ServiceAccount, so its rights are tested too.
+    let spec: crds::InstanceSpec = serde_json::from_value(serde_json::json!({}))?;
+    for object in
+        operator::manifests::operator_rbac(&spec, &operator::manifests::Options::default())?
+    {
+        c.apply(&serde_json::to_string(&object)?)?;
+    }
+    let kubeconfig = c.service_account_kubeconfig(OP_NS, operator::manifests::OPERATOR)?;
     c.ok(&[
         "create",
         "secret",
@@ -118,7 +127,7 @@ async fn k8s_operator_reconciles_instances() -> Result<()> {
     let admin = free_port()?;
     let mut op = Proc::spawn(
         std::process::Command::new(binary("cl-operator")?)
-            .env("KUBECONFIG", &c.kubeconfig)
+            .env("KUBECONFIG", &kubeconfig)
             .args([
                 "--admin-addr",
                 &format!("127.0.0.1:{admin}"),

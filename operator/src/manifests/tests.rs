@@ -310,3 +310,39 @@ fn new_certificates_change_the_hash() -> R {
     assert_eq!(a.hash(), a.hash());
     Ok(())
 }
+
+#[test]
+fn the_operator_runs_in_its_namespace_with_its_own_image() -> R {
+    let mut spec = spec()?;
+    spec.container_registry = "quay.com".into();
+    spec.tag = "v3".into();
+    let opts = Options::default();
+    let d = operator_deployment(&spec, &opts);
+    assert_eq!(d.metadata.namespace.as_deref(), Some(OPERATOR_NAMESPACE));
+    let c = container(&d)?;
+    assert_eq!(c.image.as_deref(), Some("quay.com/cl-operator:v3"));
+    assert!(
+        c.volume_mounts.is_none(),
+        "the operator mounts no certificates"
+    );
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.as_deref()),
+        Some("/readyz")
+    );
+    // It can grant what the control plane's roles grant only by holding it.
+    let held = operator_cluster_role(&spec, &opts)
+        .rules
+        .unwrap_or_default();
+    for r in cluster_role(&spec, &opts)
+        .rules
+        .unwrap_or_default()
+        .into_iter()
+        .chain(role(&spec, &opts).rules.unwrap_or_default())
+    {
+        assert!(held.contains(&r), "the operator lacks {r:?}");
+    }
+    Ok(())
+}
