@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crds::{DataplaneType, IngressSpec, IngressType, InstanceSpec, LogLevel};
-use operator::manifests;
+use operator::manifests::{self, OPERATOR_NAMESPACE};
 
 use crate::layout;
 
@@ -30,8 +30,20 @@ pub enum Error {
     KeyValue { flag: &'static str, value: String },
     #[error("--log-level {0:?}: expected trace, debug, info, warning, error or fatal")]
     LogLevel(String),
-    #[error("--start {0}: the operator is not available yet; use --start none and apply k8s.yaml")]
-    NoOperator(&'static str),
+    #[error("no Kubernetes cluster to deploy to (KUBECONFIG, ~/.kube/config or in-cluster): {0}")]
+    NoCluster(String),
+    #[error("namespace {0} does not exist: create it, or use the default clusterlink-system (which deploy creates)")]
+    NoNamespace(String),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Apply(#[from] operator::controller::Error),
+    #[error("the CRDs were not established within {0} s")]
+    CrdsNotEstablished(u64),
+    #[error("the operator has not reported on Instance {OPERATOR_NAMESPACE}/{INSTANCE} within {0} s: is cl-operator running? (kubectl -n {OPERATOR_NAMESPACE} get pods)")]
+    NoReport(u64),
+    #[error("converting {0}: {1}")]
+    Convert(&'static str, serde_json::Error),
     #[error("site certificates: {0}")]
     Certs(#[from] fabric::certs::Error),
     #[error(transparent)]
@@ -79,6 +91,8 @@ pub struct Options {
     pub registry: String,
     pub tag: String,
     pub log_level: String,
+    /// How long `--start all` waits for the operator's report, in seconds.
+    pub timeout_secs: u64,
 }
 
 fn key_values(flag: &'static str, items: &[String]) -> Result<BTreeMap<String, String>, Error> {
@@ -172,17 +186,26 @@ fn write_private(path: &Path, data: &str) -> Result<(), Error> {
     f.write_all(data.as_bytes()).map_err(io)
 }
 
-/// `deploy peer --platform k8s`. Returns the file written (`--start none`).
-pub fn deploy(o: &Options) -> Result<PathBuf, Error> {
+/// The Instance `deploy` creates (ClusterLink's name and labels).
+pub const INSTANCE: &str = "cl-instance";
+const FIELD_MANAGER: &str = "clusterlink";
+
+/// What `deploy peer --platform k8s` did.
+pub enum Outcome {
+    /// `--start none`: the rendered file.
+    Rendered(PathBuf),
+    /// `--start operator`: installed; the Instance left in this file.
+    Installed(PathBuf),
+    /// `--start all`: installed, the Instance created, and what the operator said.
+    Started(String),
+}
+
+/// `deploy peer --platform k8s`.
+pub async fn deploy(o: &Options) -> Result<Outcome, Error> {
     let spec = instance_spec(o)?;
     let dir = layout::peer_dir(&o.base, &o.fabric, &o.peer);
     if !dir.is_dir() {
         return Err(Error::NoPeerDir(dir));
-    }
-    match o.start {
-        Start::All => return Err(Error::NoOperator("all")),
-        Start::Operator => return Err(Error::NoOperator("operator")),
-        Start::None => {}
     }
     let certs = manifests::Certificates {
         fabric_ca: read(&layout::fabric_dir(&o.base, &o.fabric).join("cert.pem"))?,
@@ -196,8 +219,181 @@ pub fn deploy(o: &Options) -> Result<PathBuf, Error> {
         certificates_hash: Some(certs.hash()),
         labels: BTreeMap::new(),
     };
-    let yaml = manifests::render(&spec, &opts, &certs)?;
-    let out = dir.join("k8s.yaml");
-    write_private(&out, &yaml)?;
-    Ok(out)
+    if o.start == Start::None {
+        let yaml = manifests::render(&spec, &opts, &certs)?;
+        let out = dir.join("k8s.yaml");
+        write_private(&out, &yaml)?;
+        return Ok(Outcome::Rendered(out));
+    }
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| Error::NoCluster(e.to_string()))?;
+    install(&client, o, &spec, &opts, &certs).await?;
+    let instance = instance(&spec)?;
+    if o.start == Start::Operator {
+        let out = dir.join("cl-instance.yaml");
+        let yaml = serde_yaml_ng::to_string(&instance).map_err(manifests::Error::from)?;
+        write_private(&out, &yaml)?;
+        return Ok(Outcome::Installed(out));
+    }
+    operator::controller::apply_namespaced(&client, OPERATOR_NAMESPACE, &instance, FIELD_MANAGER)
+        .await?;
+    Ok(Outcome::Started(
+        wait_for_operator(&client, o.timeout_secs).await?,
+    ))
+}
+
+/// ClusterLink's Instance for these flags: `cl-instance` in `clusterlink-operator`.
+fn instance(spec: &InstanceSpec) -> Result<crds::Instance, Error> {
+    let mut i = crds::Instance::new(INSTANCE, spec.clone());
+    i.metadata.namespace = Some(OPERATOR_NAMESPACE.into());
+    i.metadata.labels = Some(BTreeMap::from(
+        [
+            ("app.kubernetes.io/name", "instance"),
+            ("app.kubernetes.io/instance", INSTANCE),
+            ("app.kubernetes.io/part-of", "clusterlink"),
+            ("app.kubernetes.io/created-by", "clusterlink"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    ));
+    Ok(i)
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    v: serde_json::Value,
+) -> Result<T, Error> {
+    serde_json::from_value(v).map_err(|e| Error::Convert(what, e))
+}
+
+/// The CRDs (established), the operator (namespace, RBAC, Deployment), the
+/// ClusterLink namespace when it is the default one, and the certificate Secrets,
+/// all by server-side apply: a second run updates what changed, Secrets included.
+async fn install(
+    client: &kube::Client,
+    o: &Options,
+    spec: &InstanceSpec,
+    opts: &manifests::Options,
+    certs: &manifests::Certificates,
+) -> Result<(), Error> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use operator::controller::{apply_cluster_scoped, apply_namespaced};
+    let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
+    let default_ns = o.namespace == "clusterlink-system";
+    if !default_ns && namespaces.get_opt(&o.namespace).await?.is_none() {
+        return Err(Error::NoNamespace(o.namespace.clone()));
+    }
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    for crd in crds::crds() {
+        apply_cluster_scoped(client, &crd, FIELD_MANAGER).await?;
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    for crd in crds::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        loop {
+            let established = crds.get_opt(&name).await?.is_some_and(|c| {
+                c.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+            if established {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::CrdsNotEstablished(30));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    for v in manifests::operator_rbac(spec, opts)? {
+        match v["kind"].as_str() {
+            Some("Namespace") => {
+                apply_cluster_scoped::<Namespace>(client, &typed("Namespace", v)?, FIELD_MANAGER)
+                    .await?
+            }
+            Some("ServiceAccount") => {
+                apply_namespaced::<k8s_openapi::api::core::v1::ServiceAccount>(
+                    client,
+                    OPERATOR_NAMESPACE,
+                    &typed("ServiceAccount", v)?,
+                    FIELD_MANAGER,
+                )
+                .await?
+            }
+            Some("ClusterRole") => {
+                apply_cluster_scoped::<k8s_openapi::api::rbac::v1::ClusterRole>(
+                    client,
+                    &typed("ClusterRole", v)?,
+                    FIELD_MANAGER,
+                )
+                .await?
+            }
+            Some("ClusterRoleBinding") => {
+                apply_cluster_scoped::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>(
+                    client,
+                    &typed("ClusterRoleBinding", v)?,
+                    FIELD_MANAGER,
+                )
+                .await?
+            }
+            _ => {}
+        }
+    }
+    apply_namespaced(
+        client,
+        OPERATOR_NAMESPACE,
+        &manifests::operator_deployment(spec, opts),
+        FIELD_MANAGER,
+    )
+    .await?;
+    if default_ns {
+        apply_cluster_scoped(client, &manifests::namespace(spec, opts), FIELD_MANAGER).await?;
+    }
+    for secret in manifests::secrets(spec, opts, certs) {
+        apply_namespaced(client, &o.namespace, &secret, FIELD_MANAGER).await?;
+    }
+    Ok(())
+}
+
+/// Waits (at most `wait_secs`) for the operator to report on the Instance, printing
+/// each change of its conditions; returns the last report.
+async fn wait_for_operator(client: &kube::Client, wait_secs: u64) -> Result<String, Error> {
+    let api: kube::Api<crds::Instance> = kube::Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
+    let mut last = String::new();
+    loop {
+        let status = api.get_opt(INSTANCE).await?.and_then(|i| i.status);
+        let line = status
+            .as_ref()
+            .map(|s| {
+                let c = |part: &crds::ComponentStatus| {
+                    part.conditions
+                        .get("DeploymentReady")
+                        .map(|c| format!("{} ({})", c.status, c.reason))
+                };
+                (c(&s.controlplane), c(&s.dataplane))
+            })
+            .and_then(|(cp, dp)| Some(format!("control plane {}, data plane {}", cp?, dp?)));
+        if let Some(line) = &line {
+            if *line != last {
+                println!("operator: {line}");
+                last.clone_from(line);
+            }
+            if line.matches("True (Ready)").count() == 2 {
+                return Ok(last);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return match line {
+                Some(l) => Ok(format!(
+                    "{l}; not ready after {wait_secs} s (the deployment goes on in the cluster)"
+                )),
+                None => Err(Error::NoReport(wait_secs)),
+            };
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }

@@ -148,6 +148,9 @@ struct K8sFlags {
     /// The ClusterLink namespace.
     #[arg(long, default_value = "clusterlink-system")]
     namespace: String,
+    /// all: install the CRDs, the operator and the Secrets into the current
+    /// kubectl context, create the Instance and wait for the operator's report;
+    /// operator: the same, with the Instance written to cl-instance.yaml instead;
     /// none: render <path>/<fabric>/<name>/k8s.yaml for kubectl apply.
     #[arg(long, value_enum, default_value = "all")]
     start: k8s::Start,
@@ -174,6 +177,9 @@ struct K8sFlags {
     container_registry: String,
     #[arg(long, default_value = "latest")]
     tag: String,
+    /// --start all: how long to wait for the operator's report, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -280,7 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             k8s,
         }) => {
             if platform == Platform::K8s {
-                let out = k8s::deploy(&k8s::Options {
+                let outcome = k8s::deploy(&k8s::Options {
                     base: at.path,
                     fabric: at.fabric,
                     peer: at.name,
@@ -296,12 +302,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     registry: k8s.container_registry,
                     tag: k8s.tag,
                     log_level,
-                })?;
-                println!(
-                    "wrote {} (apply it with: kubectl apply --server-side -f {})",
-                    out.display(),
-                    out.display()
-                );
+                    timeout_secs: k8s.timeout,
+                })
+                .await?;
+                match outcome {
+                    k8s::Outcome::Rendered(out) => println!(
+                        "wrote {} (apply it with: kubectl apply --server-side -f {})",
+                        out.display(),
+                        out.display()
+                    ),
+                    k8s::Outcome::Installed(out) => println!(
+                        "installed the CRDs, the operator and the Secrets; the Instance is in {} (kubectl apply --server-side -f it)",
+                        out.display()
+                    ),
+                    k8s::Outcome::Started(report) => println!("deployed: {report}"),
+                }
                 return Ok(());
             }
             deploy::run(deploy::Options {

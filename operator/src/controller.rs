@@ -122,10 +122,7 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    api.patch(&obj.name_any(), &apply_params(), &Patch::Apply(obj))
-        .await?;
-    Ok(())
+    apply_namespaced(client, ns, obj, FIELD_MANAGER).await
 }
 
 async fn apply_cluster<K>(client: &Client, obj: &K) -> Result<(), Error>
@@ -136,9 +133,49 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
+    apply_cluster_scoped(client, obj, FIELD_MANAGER).await
+}
+
+/// Server-side apply of a namespaced object in `ns` as field manager `manager`.
+pub async fn apply_namespaced<K>(
+    client: &Client,
+    ns: &str,
+    obj: &K,
+    manager: &str,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(obj),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Server-side apply of a cluster-scoped object as field manager `manager`.
+pub async fn apply_cluster_scoped<K>(client: &Client, obj: &K, manager: &str) -> Result<(), Error>
+where
+    K: Resource<Scope = ClusterResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
     let api: Api<K> = Api::all(client.clone());
-    api.patch(&obj.name_any(), &apply_params(), &Patch::Apply(obj))
-        .await?;
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(obj),
+    )
+    .await?;
     Ok(())
 }
 

@@ -14,7 +14,9 @@ use tests::procs::binary;
 use tests::TempDir;
 
 fn clusterlink(dir: &Path, args: &[&str]) -> Result<std::process::Output> {
+    // No cluster: --start none needs none, and the others must say so.
     Command::new(binary("clusterlink")?)
+        .env("KUBECONFIG", dir.join("no-such-kubeconfig"))
         .args(args)
         .args(["--path", dir.to_str().context("path")?])
         .output()
@@ -221,6 +223,145 @@ async fn k8s_deploy_peer_start_none_renders_what_the_cluster_runs() -> Result<()
         .iter()
         .map(|a| if *a == "none" { "all" } else { a })
         .collect();
-    refused(dir, &all, "--start all")?;
+    refused(dir, &all, "no Kubernetes cluster to deploy to")?;
+    Ok(())
+}
+
+/// `--start all` and `--start operator` into the current kubectl context, with
+/// cl-operator running as a process (no kubelet here to run its Deployment): the
+/// CRDs, the operator's objects, the Secrets and the Instance are installed, the
+/// operator's report is awaited and shown, and a second run updates the Secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k8s_deploy_peer_start_all_installs_the_operator_and_the_instance() -> Result<()> {
+    if !available("k8s_deploy_peer_start_all")? {
+        return Ok(());
+    }
+    let c = KubeCluster::start("k8s-deploy-all")?;
+    let work = TempDir::new("k8s-deploy-all-files")?;
+    let dir = work.path();
+    ok(dir, &["create", "fabric", "--name", "f"])?;
+    ok(
+        dir,
+        &["create", "peer-cert", "--name", "peer1", "--fabric", "f"],
+    )?;
+    let admin = tests::procs::free_port()?;
+    let mut op = tests::procs::Proc::spawn(
+        Command::new(binary("cl-operator")?)
+            .env("KUBECONFIG", &c.kubeconfig)
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")]),
+        &dir.join("cl-operator.log"),
+    )?;
+    let deploy = |start: &str| -> Result<std::process::Output> {
+        Command::new(binary("clusterlink")?)
+            .env("KUBECONFIG", &c.kubeconfig)
+            .args([
+                "deploy",
+                "peer",
+                "--name",
+                "peer1",
+                "--fabric",
+                "f",
+                "--platform",
+                "k8s",
+            ])
+            .args([
+                "--start",
+                start,
+                "--ingress",
+                "NodePort",
+                "--ingress-port",
+                "30443",
+            ])
+            // The pods never become ready here (no kubelet): wait briefly.
+            .args(["--timeout", "5"])
+            .args(["--path", dir.to_str().context("path")?])
+            .output()
+            .context("running clusterlink")
+    };
+    let out = deploy("all")?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "deploy --start all: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        said.contains("operator: control plane False (ProgressingMode)")
+            && said.contains("not ready after 5 s"),
+        "{said}"
+    );
+    let ns = "clusterlink-system";
+    c.ok(&[
+        "get",
+        "deployment",
+        "cl-operator",
+        "-n",
+        "clusterlink-operator",
+    ])?;
+    c.ok(&["get", "clusterrole", "cl-operator"])?;
+    let ty = c.jsonpath(
+        "instance",
+        "clusterlink-operator",
+        "cl-instance",
+        "{.spec.ingress.type} {.spec.ingress.port}",
+    )?;
+    ensure!(ty == "NodePort 30443", "Instance ingress {ty}");
+    c.ok(&["get", "deployment", "cl-dataplane", "-n", ns])?;
+    let gateway = c.jsonpath("service", ns, "clusterlink", "{.spec.ports[0].nodePort}")?;
+    ensure!(gateway == "30443", "gateway nodePort {gateway}");
+
+    // Again: a no-op but for fresh site certificates (ClusterLink never updates them).
+    let ca = c.jsonpath("secret", ns, "cl-ca", "{.data.ca}")?;
+    let out = deploy("all")?;
+    ensure!(
+        out.status.success(),
+        "second deploy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        c.jsonpath("secret", ns, "cl-ca", "{.data.ca}")? != ca,
+        "the site CA Secret was not updated"
+    );
+
+    // --start operator leaves the Instance in a file.
+    let out = deploy("operator")?;
+    ensure!(
+        out.status.success(),
+        "deploy --start operator: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let instance = std::fs::read_to_string(dir.join("f/peer1/cl-instance.yaml"))?;
+    ensure!(
+        instance.contains("kind: Instance") && instance.contains("cl-instance"),
+        "{instance}"
+    );
+
+    // A ClusterLink namespace that does not exist is named.
+    let out = Command::new(binary("clusterlink")?)
+        .env("KUBECONFIG", &c.kubeconfig)
+        .args([
+            "deploy",
+            "peer",
+            "--name",
+            "peer1",
+            "--fabric",
+            "f",
+            "--platform",
+            "k8s",
+        ])
+        .args([
+            "--namespace",
+            "nope",
+            "--path",
+            dir.to_str().context("path")?,
+        ])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("namespace nope does not exist"),
+        "{err}"
+    );
+    ensure!(op.ended().is_none(), "the operator exited");
+    op.kill();
     Ok(())
 }
