@@ -114,28 +114,6 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 
-async fn apply_in<K>(client: &Client, ns: &str, obj: &K) -> Result<(), Error>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    apply_namespaced(client, ns, obj, FIELD_MANAGER).await
-}
-
-async fn apply_cluster<K>(client: &Client, obj: &K) -> Result<(), Error>
-where
-    K: Resource<Scope = ClusterResourceScope, DynamicType = ()>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    apply_cluster_scoped(client, obj, FIELD_MANAGER).await
-}
-
 /// Server-side apply of a namespaced object in `ns` as field manager `manager`.
 pub async fn apply_namespaced<K>(
     client: &Client,
@@ -453,28 +431,48 @@ pub async fn reconcile(i: Arc<Instance>, ctx: Arc<Ctx>) -> Result<Action, Error>
     };
     let spec = &i.spec;
     for sa in manifests::service_accounts(spec, &opts) {
-        apply_in(client, &target, &sa).await?;
+        apply_namespaced(client, &target, &sa, FIELD_MANAGER).await?;
     }
-    apply_cluster(client, &manifests::cluster_role(spec, &opts)).await?;
-    apply_cluster(client, &manifests::cluster_role_binding(spec, &opts)).await?;
-    apply_in(client, &target, &manifests::role(spec, &opts)).await?;
-    apply_in(client, &target, &manifests::role_binding(spec, &opts)).await?;
-    apply_in(
+    apply_cluster_scoped(client, &manifests::cluster_role(spec, &opts), FIELD_MANAGER).await?;
+    apply_cluster_scoped(
+        client,
+        &manifests::cluster_role_binding(spec, &opts),
+        FIELD_MANAGER,
+    )
+    .await?;
+    apply_namespaced(
+        client,
+        &target,
+        &manifests::role(spec, &opts),
+        FIELD_MANAGER,
+    )
+    .await?;
+    apply_namespaced(
+        client,
+        &target,
+        &manifests::role_binding(spec, &opts),
+        FIELD_MANAGER,
+    )
+    .await?;
+    apply_namespaced(
         client,
         &target,
         &manifests::controlplane_service(spec, &opts),
+        FIELD_MANAGER,
     )
     .await?;
-    apply_in(
+    apply_namespaced(
         client,
         &target,
         &manifests::controlplane_deployment(spec, &opts),
+        FIELD_MANAGER,
     )
     .await?;
-    apply_in(
+    apply_namespaced(
         client,
         &target,
         &manifests::dataplane_deployment(spec, &opts),
+        FIELD_MANAGER,
     )
     .await?;
     let services: Api<Service> = Api::namespaced(client.clone(), &target);
@@ -489,7 +487,7 @@ pub async fn reconcile(i: Arc<Instance>, ctx: Arc<Ctx>) -> Result<Action, Error>
                     delete_ours(&services, GATEWAY_SERVICE, &i).await?;
                 }
             }
-            apply_in(client, &target, &s).await?;
+            apply_namespaced(client, &target, &s, FIELD_MANAGER).await?;
         }
         None => delete_ours(&services, GATEWAY_SERVICE, &i).await?,
     }
