@@ -310,10 +310,7 @@ async fn install(
     }
     for v in manifests::operator_rbac(spec, opts)? {
         match v["kind"].as_str() {
-            Some("Namespace") => {
-                apply_cluster_scoped::<Namespace>(client, &typed("Namespace", v)?, FIELD_MANAGER)
-                    .await?
-            }
+            Some("Namespace") => create_namespace(client, typed("Namespace", v)?).await?,
             Some("ServiceAccount") => {
                 apply_namespaced::<k8s_openapi::api::core::v1::ServiceAccount>(
                     client,
@@ -350,12 +347,127 @@ async fn install(
     )
     .await?;
     if default_ns {
-        apply_cluster_scoped(client, &manifests::namespace(spec, opts), FIELD_MANAGER).await?;
+        create_namespace(client, manifests::namespace(spec, opts)).await?;
     }
     for secret in manifests::secrets(spec, opts, certs) {
         apply_namespaced(client, &o.namespace, &secret, FIELD_MANAGER).await?;
     }
     Ok(())
+}
+
+/// Marks a namespace `deploy` made, which `delete peer` may remove; one that was
+/// there before is never touched.
+pub const LABEL_CREATED: &str = "clusterlink.net/created-by-deploy";
+
+async fn create_namespace(
+    client: &kube::Client,
+    mut ns: k8s_openapi::api::core::v1::Namespace,
+) -> Result<(), Error> {
+    use kube::ResourceExt as _;
+    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    if api.get_opt(&ns.name_any()).await?.is_some() {
+        return Ok(());
+    }
+    ns.labels_mut().insert(LABEL_CREATED.into(), "true".into());
+    operator::controller::apply_cluster_scoped(client, &ns, FIELD_MANAGER).await?;
+    Ok(())
+}
+
+/// `delete peer --platform k8s`: removes exactly what `deploy` made, found by its
+/// labels: the Instance it created (waiting, at most `wait_secs`, for the operator
+/// to remove the deployment), the objects it applied (the operator, the Secrets,
+/// a `--start none` deployment applied from k8s.yaml), and the namespaces it
+/// created. CRDs stay: deleting them would delete every user's resources.
+pub async fn delete_peer(namespace: &str, wait_secs: u64) -> Result<Vec<String>, Error> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    use kube::api::{DeleteParams, ListParams};
+    use kube::ResourceExt as _;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| Error::NoCluster(e.to_string()))?;
+    let mut removed = Vec::new();
+    let instances: kube::Api<crds::Instance> =
+        kube::Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let ours = |labels: &BTreeMap<String, String>| {
+        labels
+            .get("app.kubernetes.io/created-by")
+            .map(String::as_str)
+            == Some("clusterlink")
+    };
+    match instances.get_opt(INSTANCE).await {
+        Ok(Some(i)) if ours(i.labels()) => {
+            instances.delete(INSTANCE, &DeleteParams::default()).await?;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
+            while instances.get_opt(INSTANCE).await?.is_some() {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(Error::NoReport(wait_secs));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            removed.push(format!("instance {OPERATOR_NAMESPACE}/{INSTANCE}"));
+        }
+        // No Instance, or no CRD: nothing the operator must clean up.
+        Ok(_) | Err(kube::Error::Api(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let selector = format!(
+        "{}={},app.kubernetes.io/managed-by={FIELD_MANAGER}",
+        manifests::LABEL_PART_OF,
+        manifests::PART_OF
+    );
+    let lp = ListParams::default().labels(&selector);
+    let dp = DeleteParams::background();
+    let cluster_names = [
+        manifests::OPERATOR.to_owned(),
+        manifests::cluster_role_name(namespace),
+    ];
+
+    macro_rules! delete_in {
+        ($t:ty, $kind:literal, $ns:expr) => {{
+            let api: kube::Api<$t> = kube::Api::namespaced(client.clone(), $ns);
+            for o in api.list(&lp).await? {
+                api.delete(&o.name_any(), &dp).await?;
+                removed.push(format!("{} {}/{}", $kind, $ns, o.name_any()));
+            }
+        }};
+    }
+    macro_rules! delete_cluster {
+        ($t:ty, $kind:literal) => {{
+            let api: kube::Api<$t> = kube::Api::all(client.clone());
+            for o in api.list(&lp).await? {
+                // Only this deployment's (another namespace may hold another peer).
+                if !cluster_names.contains(&o.name_any()) {
+                    continue;
+                }
+                api.delete(&o.name_any(), &dp).await?;
+                removed.push(format!("{} {}", $kind, o.name_any()));
+            }
+        }};
+    }
+    for ns in [namespace, OPERATOR_NAMESPACE] {
+        delete_in!(Deployment, "deployment", ns);
+        delete_in!(Service, "service", ns);
+        delete_in!(ServiceAccount, "serviceaccount", ns);
+        delete_in!(Role, "role", ns);
+        delete_in!(RoleBinding, "rolebinding", ns);
+        delete_in!(Secret, "secret", ns);
+    }
+    delete_cluster!(ClusterRoleBinding, "clusterrolebinding");
+    delete_cluster!(ClusterRole, "clusterrole");
+    let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
+    for ns in namespaces
+        .list(&ListParams::default().labels(&format!("{LABEL_CREATED}=true")))
+        .await?
+    {
+        if ns.name_any() != namespace && ns.name_any() != OPERATOR_NAMESPACE {
+            continue;
+        }
+        namespaces.delete(&ns.name_any(), &dp).await?;
+        removed.push(format!("namespace {}", ns.name_any()));
+    }
+    Ok(removed)
 }
 
 /// Waits (at most `wait_secs`) for the operator to report on the Instance, printing

@@ -45,9 +45,11 @@ enum Cmd {
         after_help = "Example:\n  clusterlink apply --name peer-a -f peer-b.yaml -f import.yaml"
     )]
     Apply(Files),
-    /// Remove resources applied before.
-    #[command(after_help = "Example:\n  clusterlink delete --name peer-a -f import.yaml")]
-    Delete(Files),
+    /// Remove resources applied before, or (`delete peer`) a Kubernetes deployment.
+    #[command(
+        after_help = "Examples:\n  clusterlink delete --name peer-a -f import.yaml\n  clusterlink delete peer --name peer-a"
+    )]
+    Delete(DeleteArgs),
     /// Show resources and their status.
     #[command(
         after_help = "Examples:\n  clusterlink get peers --name peer-a\n  clusterlink get imports echo --name peer-a -o yaml"
@@ -201,6 +203,25 @@ impl PeerAt {
 }
 
 #[derive(Args)]
+struct DeleteArgs {
+    /// `peer`: remove what `deploy peer --platform k8s` installed in the current
+    /// kubectl context (never a namespace it did not create, never the CRDs).
+    #[arg(value_parser = ["peer"])]
+    what: Option<String>,
+    #[command(flatten)]
+    at: PeerAt,
+    /// File, directory of *.yaml, or - for stdin (repeatable).
+    #[arg(short = 'f', long = "filename")]
+    files: Vec<String>,
+    /// With `peer`: the ClusterLink namespace.
+    #[arg(long, default_value = "clusterlink-system")]
+    namespace: String,
+    /// With `peer`: how long to wait for the operator to remove the deployment.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+#[derive(Args)]
 struct Files {
     #[command(flatten)]
     at: PeerAt,
@@ -333,7 +354,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
         }
         Cmd::Apply(f) => resources::apply(&f.at.dir(), &f.files)?,
-        Cmd::Delete(f) => resources::delete(&f.at.dir(), &f.files)?,
+        Cmd::Delete(d) if d.what.is_some() => {
+            for line in k8s::delete_peer(&d.namespace, d.timeout).await? {
+                println!("deleted {line}");
+            }
+        }
+        Cmd::Delete(d) if d.files.is_empty() => {
+            anyhow::bail!(
+                "delete: give -f FILE (resources), or `delete peer` (a Kubernetes deployment)"
+            )
+        }
+        Cmd::Delete(d) => resources::delete(&d.at.dir(), &d.files)?,
         Cmd::Get(g) => {
             let out = resources::get(
                 &g.at.dir(),

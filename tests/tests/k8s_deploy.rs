@@ -361,6 +361,50 @@ async fn k8s_deploy_peer_start_all_installs_the_operator_and_the_instance() -> R
         !out.status.success() && err.contains("namespace nope does not exist"),
         "{err}"
     );
+    // delete peer: what deploy made goes (the operator removes the deployment it
+    // made when its Instance goes); the namespace deploy found (clusterlink-system,
+    // made with the cluster) stays, the one it created (clusterlink-operator) goes.
+    let out = Command::new(binary("clusterlink")?)
+        .env("KUBECONFIG", &c.kubeconfig)
+        .args([
+            "delete",
+            "peer",
+            "--name",
+            "peer1",
+            "--path",
+            dir.to_str().context("path")?,
+        ])
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "delete peer: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for gone in [
+        "instance clusterlink-operator/cl-instance",
+        "deployment clusterlink-operator/cl-operator",
+        "secret clusterlink-system/cl-peer",
+        "clusterrole cl-operator",
+        "namespace clusterlink-operator",
+    ] {
+        ensure!(
+            said.contains(gone),
+            "delete peer did not remove {gone}: {said}"
+        );
+    }
+    ensure!(!said.contains("namespace clusterlink-system"), "{said}");
+    for (kind, name) in [
+        ("deployment", "cl-dataplane"),
+        ("secret", "cl-ca"),
+        ("service", "clusterlink"),
+    ] {
+        let o = c.run(&["get", kind, name, "-n", ns], None)?;
+        ensure!(!o.status.success(), "{kind} {name} is left");
+    }
+    let phase = c.ok(&["get", "namespace", ns, "-o", "jsonpath={.status.phase}"])?;
+    ensure!(phase == "Active", "clusterlink-system is {phase}");
+    c.ok(&["get", "crd", "imports.clusterlink.net"])?;
     ensure!(op.ended().is_none(), "the operator exited");
     op.kill();
     Ok(())
