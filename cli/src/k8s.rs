@@ -42,8 +42,6 @@ pub enum Error {
     CrdsNotEstablished(u64),
     #[error("the operator has not reported on Instance {OPERATOR_NAMESPACE}/{INSTANCE} within {0} s: is cl-operator running? (kubectl -n {OPERATOR_NAMESPACE} get pods)")]
     NoReport(u64),
-    #[error("converting {0}: {1}")]
-    Convert(&'static str, serde_json::Error),
     #[error("site certificates: {0}")]
     Certs(#[from] fabric::certs::Error),
     #[error(transparent)]
@@ -229,7 +227,7 @@ pub async fn deploy(o: &Options) -> Result<Outcome, Error> {
         .await
         .map_err(|e| Error::NoCluster(e.to_string()))?;
     install(&client, o, &spec, &opts, &certs).await?;
-    let instance = instance(&spec)?;
+    let instance = instance(&spec);
     if o.start == Start::Operator {
         let out = dir.join("cl-instance.yaml");
         let yaml = serde_yaml_ng::to_string(&instance).map_err(manifests::Error::from)?;
@@ -244,7 +242,7 @@ pub async fn deploy(o: &Options) -> Result<Outcome, Error> {
 }
 
 /// ClusterLink's Instance for these flags: `cl-instance` in `clusterlink-operator`.
-fn instance(spec: &InstanceSpec) -> Result<crds::Instance, Error> {
+fn instance(spec: &InstanceSpec) -> crds::Instance {
     let mut i = crds::Instance::new(INSTANCE, spec.clone());
     i.metadata.namespace = Some(OPERATOR_NAMESPACE.into());
     i.metadata.labels = Some(BTreeMap::from(
@@ -256,14 +254,7 @@ fn instance(spec: &InstanceSpec) -> Result<crds::Instance, Error> {
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     ));
-    Ok(i)
-}
-
-fn typed<T: serde::de::DeserializeOwned>(
-    what: &'static str,
-    v: serde_json::Value,
-) -> Result<T, Error> {
-    serde_json::from_value(v).map_err(|e| Error::Convert(what, e))
+    i
 }
 
 /// The CRDs (established), the operator (namespace, RBAC, Deployment), the
@@ -308,37 +299,17 @@ async fn install(
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
-    for v in manifests::operator_rbac(spec, opts)? {
-        match v["kind"].as_str() {
-            Some("Namespace") => create_namespace(client, typed("Namespace", v)?).await?,
-            Some("ServiceAccount") => {
-                apply_namespaced::<k8s_openapi::api::core::v1::ServiceAccount>(
-                    client,
-                    OPERATOR_NAMESPACE,
-                    &typed("ServiceAccount", v)?,
-                    FIELD_MANAGER,
-                )
-                .await?
-            }
-            Some("ClusterRole") => {
-                apply_cluster_scoped::<k8s_openapi::api::rbac::v1::ClusterRole>(
-                    client,
-                    &typed("ClusterRole", v)?,
-                    FIELD_MANAGER,
-                )
-                .await?
-            }
-            Some("ClusterRoleBinding") => {
-                apply_cluster_scoped::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>(
-                    client,
-                    &typed("ClusterRoleBinding", v)?,
-                    FIELD_MANAGER,
-                )
-                .await?
-            }
-            _ => {}
-        }
-    }
+    let rbac = manifests::operator_rbac_objects(spec, opts);
+    create_namespace(client, rbac.namespace).await?;
+    apply_namespaced(
+        client,
+        OPERATOR_NAMESPACE,
+        &rbac.service_account,
+        FIELD_MANAGER,
+    )
+    .await?;
+    apply_cluster_scoped(client, &rbac.cluster_role, FIELD_MANAGER).await?;
+    apply_cluster_scoped(client, &rbac.cluster_role_binding, FIELD_MANAGER).await?;
     apply_namespaced(
         client,
         OPERATOR_NAMESPACE,

@@ -430,8 +430,13 @@ pub async fn reconcile(i: Arc<Instance>, ctx: Arc<Ctx>) -> Result<Action, Error>
         labels: instance_labels(&i),
     };
     let spec = &i.spec;
+    macro_rules! apply_here {
+        ($($object:expr),+ $(,)?) => {
+            $(apply_namespaced(client, &target, &$object, FIELD_MANAGER).await?;)+
+        };
+    }
     for sa in manifests::service_accounts(spec, &opts) {
-        apply_namespaced(client, &target, &sa, FIELD_MANAGER).await?;
+        apply_here!(sa);
     }
     apply_cluster_scoped(client, &manifests::cluster_role(spec, &opts), FIELD_MANAGER).await?;
     apply_cluster_scoped(
@@ -440,41 +445,13 @@ pub async fn reconcile(i: Arc<Instance>, ctx: Arc<Ctx>) -> Result<Action, Error>
         FIELD_MANAGER,
     )
     .await?;
-    apply_namespaced(
-        client,
-        &target,
-        &manifests::role(spec, &opts),
-        FIELD_MANAGER,
-    )
-    .await?;
-    apply_namespaced(
-        client,
-        &target,
-        &manifests::role_binding(spec, &opts),
-        FIELD_MANAGER,
-    )
-    .await?;
-    apply_namespaced(
-        client,
-        &target,
-        &manifests::controlplane_service(spec, &opts),
-        FIELD_MANAGER,
-    )
-    .await?;
-    apply_namespaced(
-        client,
-        &target,
-        &manifests::controlplane_deployment(spec, &opts),
-        FIELD_MANAGER,
-    )
-    .await?;
-    apply_namespaced(
-        client,
-        &target,
-        &manifests::dataplane_deployment(spec, &opts),
-        FIELD_MANAGER,
-    )
-    .await?;
+    apply_here!(
+        manifests::role(spec, &opts),
+        manifests::role_binding(spec, &opts),
+        manifests::controlplane_service(spec, &opts),
+        manifests::controlplane_deployment(spec, &opts),
+        manifests::dataplane_deployment(spec, &opts),
+    );
     let services: Api<Service> = Api::namespaced(client.clone(), &target);
     match manifests::gateway_service(spec, &opts) {
         Some(s) => {

@@ -853,39 +853,52 @@ pub fn operator_cluster_role(spec: &InstanceSpec, opts: &Options) -> ClusterRole
     }
 }
 
-/// The operator's namespace, ServiceAccount, ClusterRole and ClusterRoleBinding.
-pub fn operator_rbac(spec: &InstanceSpec, opts: &Options) -> Result<Vec<serde_json::Value>, Error> {
-    let ns = Namespace {
-        metadata: meta(OPERATOR_NAMESPACE, None, labels("operator", opts, None)),
-        ..Default::default()
-    };
-    let sa = ServiceAccount {
-        metadata: meta(
-            OPERATOR,
-            Some(OPERATOR_NAMESPACE),
-            labels("operator", opts, None),
-        ),
-        ..Default::default()
-    };
-    let binding = ClusterRoleBinding {
-        metadata: meta(OPERATOR, None, labels("operator", opts, None)),
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "ClusterRole".into(),
-            name: OPERATOR.into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: OPERATOR.into(),
-            namespace: Some(OPERATOR_NAMESPACE.into()),
+/// The operator's typed objects besides its Deployment: its namespace,
+/// ServiceAccount, ClusterRole and ClusterRoleBinding.
+pub struct OperatorRbac {
+    pub namespace: Namespace,
+    pub service_account: ServiceAccount,
+    pub cluster_role: ClusterRole,
+    pub cluster_role_binding: ClusterRoleBinding,
+}
+
+pub fn operator_rbac_objects(spec: &InstanceSpec, opts: &Options) -> OperatorRbac {
+    let l = || labels("operator", opts, None);
+    OperatorRbac {
+        namespace: Namespace {
+            metadata: meta(OPERATOR_NAMESPACE, None, l()),
             ..Default::default()
-        }]),
-    };
+        },
+        service_account: ServiceAccount {
+            metadata: meta(OPERATOR, Some(OPERATOR_NAMESPACE), l()),
+            ..Default::default()
+        },
+        cluster_role: operator_cluster_role(spec, opts),
+        cluster_role_binding: ClusterRoleBinding {
+            metadata: meta(OPERATOR, None, l()),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: OPERATOR.into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: OPERATOR.into(),
+                namespace: Some(OPERATOR_NAMESPACE.into()),
+                ..Default::default()
+            }]),
+        },
+    }
+}
+
+/// `operator_rbac_objects` as values with apiVersion and kind, in apply order.
+pub fn operator_rbac(spec: &InstanceSpec, opts: &Options) -> Result<Vec<serde_json::Value>, Error> {
+    let o = operator_rbac_objects(spec, opts);
     Ok(vec![
-        value("Namespace", &ns)?,
-        value("ServiceAccount", &sa)?,
-        value("ClusterRole", &operator_cluster_role(spec, opts))?,
-        value("ClusterRoleBinding", &binding)?,
+        value("Namespace", &o.namespace)?,
+        value("ServiceAccount", &o.service_account)?,
+        value("ClusterRole", &o.cluster_role)?,
+        value("ClusterRoleBinding", &o.cluster_role_binding)?,
     ])
 }
 
