@@ -1,4 +1,4 @@
-//! `clusterlink create fabric` and `create peer-cert`: the certificates of
+//! `clusterlink create fabric`, `create peer-cert` and `create site-certs`: the certificates of
 //! `fabric::certs` written where ClusterLink's layout puts them (spec 1.5), files 0600,
 //! with the existing-directory check made where the files would actually go. Nothing
 //! is ever overwritten.
@@ -170,5 +170,52 @@ pub fn create_peer_cert(
         e => Error::Certs(e),
     })?;
     write_new(&out, &issued)?;
+    Ok(out)
+}
+
+/// The files `create site-certs` writes into its directory.
+pub const SITE_FILES: [&str; 5] = [
+    "ca.pem",
+    "controlplane-cert.pem",
+    "controlplane-key.pem",
+    "dataplane-cert.pem",
+    "dataplane-key.pem",
+];
+
+/// `clusterlink create site-certs`: a new site CA and the `cl-controlplane` /
+/// `cl-dataplane` certificates it signs, for running a peer's two planes on separate
+/// hosts or containers (the gRPC link between them is mutual TLS with these; on
+/// Kubernetes, `deploy peer` makes them in memory and puts them into Secrets). The
+/// site CA's key is not kept: a new set is made by removing the directory and running
+/// this again. Written into `out` (default `<base>/<fabric>/<peer>/site/`), which must
+/// not exist.
+pub fn create_site_certs(
+    base: &Path,
+    fabric: &str,
+    peer: &str,
+    out: Option<&Path>,
+) -> Result<PathBuf, Error> {
+    fabric::names::peer_name(peer).map_err(|reason| Error::BadName {
+        name: peer.to_owned(),
+        reason,
+    })?;
+    let out = out
+        .map(Path::to_owned)
+        .unwrap_or_else(|| layout::peer_dir(base, fabric, peer).join("site"));
+    if out.exists() {
+        return Err(Error::Exists(out));
+    }
+    let site = certs::site().map_err(Error::Certs)?;
+    create_new_dir(&out)?;
+    let [ca, cp_cert, cp_key, dp_cert, dp_key] = SITE_FILES;
+    for (name, data) in [
+        (ca, &site.ca),
+        (cp_cert, &site.controlplane.chain),
+        (cp_key, &site.controlplane.key),
+        (dp_cert, &site.dataplane.chain),
+        (dp_key, &site.dataplane.key),
+    ] {
+        write_private(&out.join(name), data)?;
+    }
     Ok(out)
 }

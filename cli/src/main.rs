@@ -55,6 +55,14 @@ enum Cmd {
         after_help = "Examples:\n  clusterlink get peers --name peer-a\n  clusterlink get imports echo --name peer-a -o yaml"
     )]
     Get(Get),
+    /// Serve a TCP echo service (every byte read is written back) until SIGTERM or
+    /// Ctrl-C: the service of the demos, and a quick end-to-end check of an import.
+    #[command(after_help = "Example:\n  clusterlink echo-server --listen 0.0.0.0:9000")]
+    EchoServer {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:9000")]
+        listen: std::net::SocketAddr,
+    },
     /// Create two peers on this machine, connect them, send traffic, report, stop.
     #[command(after_help = "Example:\n  clusterlink quickstart")]
     Quickstart {
@@ -98,6 +106,25 @@ enum Create {
         output: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "ecdsa-p256")]
         key_type: certs::KeyType,
+    },
+    /// Create a site CA and the control plane / data plane certificates it signs, for
+    /// running the two planes of a peer on separate hosts or containers (their gRPC
+    /// link is then mutual TLS with these).
+    #[command(
+        after_help = "Example:\n  clusterlink create site-certs --name peer-a --fabric myfabric --path ./fabrics\n\nThen: cl-controlplane --grpc-addr 0.0.0.0:4444 --site-ca-file site/ca.pem --site-cert-file site/controlplane-cert.pem --site-key-file site/controlplane-key.pem ...\n      cl-dataplane --controlplane-host HOST:4444 --site-ca-file site/ca.pem --site-cert-file site/dataplane-cert.pem --site-key-file site/dataplane-key.pem ..."
+    )]
+    SiteCerts {
+        /// Peer name (the directory the files go into by default).
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "default_fabric")]
+        fabric: String,
+        /// Base directory holding <fabric>/.
+        #[arg(long, default_value = ".")]
+        path: PathBuf,
+        /// Where to write the files (default <path>/<fabric>/<name>/site/); must not exist.
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -295,6 +322,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 dir.display()
             );
         }
+        Cmd::Create(Create::SiteCerts {
+            name,
+            fabric,
+            path,
+            output,
+        }) => {
+            let dir = certs::create_site_certs(&path, &fabric, &name, output.as_deref())?;
+            println!(
+                "peer {name}: site certificates in {}: {}",
+                dir.display(),
+                certs::SITE_FILES.join(", ")
+            );
+        }
         Cmd::Deploy(Deploy::Peer {
             at,
             platform,
@@ -377,6 +417,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{out}");
         }
         Cmd::Quickstart { keep_running } => quickstart::run(keep_running).await?,
+        Cmd::EchoServer { listen } => quickstart::serve_echo(listen).await?,
     }
     Ok(())
 }

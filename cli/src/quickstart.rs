@@ -162,16 +162,43 @@ fn apply(p: &Peer, file: &str, yaml: &str) -> Result<()> {
 async fn echo_server() -> Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.set_nodelay(true);
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    tokio::spawn(echo(l));
     Ok(addr)
+}
+
+/// Echoes every connection `l` accepts; accept errors (out of descriptors, say) are
+/// waited out, not spun on.
+async fn echo(l: TcpListener) {
+    loop {
+        match l.accept().await {
+            Ok((mut s, _)) => {
+                tokio::spawn(async move {
+                    let _ = s.set_nodelay(true);
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// `clusterlink echo-server`: the echo service on `listen` until SIGTERM or SIGINT
+/// (handled, so that it stops at once also as a container's PID 1).
+pub async fn serve_echo(listen: SocketAddr) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let l = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    println!("echo service on {}", l.local_addr()?);
+    tokio::select! {
+        _ = echo(l) => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
 }
 
 struct Numbers {

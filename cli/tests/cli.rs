@@ -494,6 +494,89 @@ fn create_peer_cert_profile() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn create_site_certs_profile() -> Result<()> {
+    let t = TempDir::new("site")?;
+    let at = ["--fabric", "F", "--path", t.str()?];
+    let out = run(["create", "site-certs", "--name", "peer-a"]
+        .into_iter()
+        .chain(at))?
+    .ok("create site-certs")?;
+    ensure!(out.stdout.contains("peer-a"), "stdout: {}", out.stdout);
+    let dir = t.path().join("F/peer-a/site");
+    let files = files_in(&dir)?;
+    ensure!(
+        files
+            == [
+                "ca.pem",
+                "controlplane-cert.pem",
+                "controlplane-key.pem",
+                "dataplane-cert.pem",
+                "dataplane-key.pem"
+            ],
+        "files {files:?}"
+    );
+    for f in &files {
+        let p = dir.join(f);
+        ensure!(mode(&p)? == 0o600, "{f} has mode {:o}", mode(&p)?);
+    }
+    let ca_pems = pems(&dir.join("ca.pem"))?;
+    ensure!(ca_pems.len() == 1, "ca.pem holds {} blocks", ca_pems.len());
+    let ca = parse(&ca_pems[0])?;
+    ensure!(ca.is_ca(), "the site CA is not a CA");
+    for (plane, server) in [("controlplane", true), ("dataplane", false)] {
+        let chain = pems(&dir.join(format!("{plane}-cert.pem")))?;
+        ensure!(chain.len() == 2, "{plane}: leaf and site CA");
+        let leaf = parse(&chain[0])?;
+        let name = format!("cl-{plane}");
+        ensure!(
+            common_name(&leaf)? == name,
+            "{plane}: CN {}",
+            common_name(&leaf)?
+        );
+        let san = leaf
+            .subject_alternative_name()?
+            .ok_or_else(|| anyhow!("{plane}: no SubjectAlternativeName"))?;
+        ensure!(
+            matches!(san.value.general_names.as_slice(),
+                [x509_parser::extensions::GeneralName::DNSName(n)] if *n == name),
+            "{plane}: SANs {:?}",
+            san.value.general_names
+        );
+        let eku = leaf
+            .extended_key_usage()?
+            .ok_or_else(|| anyhow!("{plane}: no ExtendedKeyUsage"))?;
+        ensure!(
+            eku.value.server_auth == server && eku.value.client_auth != server,
+            "{plane}: EKU {:?}",
+            eku.value
+        );
+        leaf.verify_signature(Some(ca.public_key()))
+            .map_err(|e| anyhow!("{plane}: does not verify against the site CA: {e}"))?;
+        let keys = pems(&dir.join(format!("{plane}-key.pem")))?;
+        ensure!(
+            keys.len() == 1 && keys[0].label.ends_with("PRIVATE KEY"),
+            "{plane}-key.pem is not one private key"
+        );
+    }
+    // Never overwritten: a second run fails and changes nothing.
+    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let before = snapshot(&paths)?;
+    let out = run(["create", "site-certs", "--name", "peer-a"]
+        .into_iter()
+        .chain(at))?
+    .fails("second create site-certs")?;
+    ensure!(
+        out.stderr.contains("already exists"),
+        "stderr: {}",
+        out.stderr
+    );
+    let after = snapshot(&paths)?;
+    ensure!(before == after, "the second run changed the files");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // 3. Nothing is overwritten
 // ---------------------------------------------------------------------------

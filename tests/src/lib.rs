@@ -3,6 +3,7 @@
 //! on the generated tonic servers, TCP echo targets, gateway pairs, and a
 //! poll-with-deadline helper instead of sleeps.
 
+pub mod containers;
 pub mod k8s;
 pub mod procs;
 pub mod site;

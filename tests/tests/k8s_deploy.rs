@@ -232,6 +232,9 @@ async fn k8s_deploy_peer_start_none_renders_what_the_cluster_runs() -> Result<()
 /// CRDs, the operator's objects, the Secrets and the Instance are installed, the
 /// operator's report is awaited and shown, and a second run updates the Secrets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Also ClusterLink's CLI test (spec §7.3) as far as it runs without a kubelet: create
+/// fabric, peer-cert, deploy with the registry `docker.io/library` and NodePort 30443,
+/// the Deployments present (not rolled out: no pod runs here), delete.
 async fn k8s_deploy_peer_start_all_installs_the_operator_and_the_instance() -> Result<()> {
     if !available("k8s_deploy_peer_start_all")? {
         return Ok(());
@@ -271,6 +274,8 @@ async fn k8s_deploy_peer_start_all_installs_the_operator_and_the_instance() -> R
                 "NodePort",
                 "--ingress-port",
                 "30443",
+                "--container-registry",
+                "docker.io/library",
             ])
             // The pods never become ready here (no kubelet): wait briefly.
             .args(["--timeout", "5"])
@@ -306,7 +311,22 @@ async fn k8s_deploy_peer_start_all_installs_the_operator_and_the_instance() -> R
         "{.spec.ingress.type} {.spec.ingress.port}",
     )?;
     ensure!(ty == "NodePort 30443", "Instance ingress {ty}");
-    c.ok(&["get", "deployment", "cl-dataplane", "-n", ns])?;
+    for (ns, name) in [
+        (ns, "cl-controlplane"),
+        (ns, "cl-dataplane"),
+        ("clusterlink-operator", "cl-operator"),
+    ] {
+        let image = c.jsonpath(
+            "deployment",
+            ns,
+            name,
+            "{.spec.template.spec.containers[0].image}",
+        )?;
+        ensure!(
+            image == format!("docker.io/library/{name}:latest"),
+            "{name} runs {image}"
+        );
+    }
     let gateway = c.jsonpath("service", ns, "clusterlink", "{.spec.ports[0].nodePort}")?;
     ensure!(gateway == "30443", "gateway nodePort {gateway}");
 
