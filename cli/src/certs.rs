@@ -126,6 +126,25 @@ pub fn create_fabric(base: &Path, fabric: &str, kind: KeyType) -> Result<PathBuf
     Ok(dir)
 }
 
+/// Where a peer's new files go: `out`, else `default()`, after checking the peer's
+/// name and that nothing is there yet (checked where the files go; ClusterLink
+/// checked the working directory).
+fn new_peer_dir(
+    peer: &str,
+    out: Option<&Path>,
+    default: impl FnOnce() -> PathBuf,
+) -> Result<PathBuf, Error> {
+    fabric::names::peer_name(peer).map_err(|reason| Error::BadName {
+        name: peer.to_owned(),
+        reason,
+    })?;
+    let out = out.map(Path::to_owned).unwrap_or_else(default);
+    if out.exists() {
+        return Err(Error::Exists(out));
+    }
+    Ok(out)
+}
+
 /// `clusterlink create peer-cert`: the peer's chain (peer, then CA) and key in `out`
 /// (default `<base>/<fabric>/<peer>/`).
 pub fn create_peer_cert(
@@ -135,17 +154,7 @@ pub fn create_peer_cert(
     out: Option<&Path>,
     kind: KeyType,
 ) -> Result<PathBuf, Error> {
-    fabric::names::peer_name(peer).map_err(|reason| Error::BadName {
-        name: peer.to_owned(),
-        reason,
-    })?;
-    let out = out
-        .map(Path::to_owned)
-        .unwrap_or_else(|| layout::peer_dir(base, fabric, peer));
-    // Checked where the files go (ClusterLink checked the working directory).
-    if out.exists() {
-        return Err(Error::Exists(out));
-    }
+    let out = new_peer_dir(peer, out, || layout::peer_dir(base, fabric, peer))?;
     let fdir = layout::fabric_dir(base, fabric);
     let read = |name: &str| -> Result<String, Error> {
         let path = fdir.join(name);
@@ -195,16 +204,9 @@ pub fn create_site_certs(
     peer: &str,
     out: Option<&Path>,
 ) -> Result<PathBuf, Error> {
-    fabric::names::peer_name(peer).map_err(|reason| Error::BadName {
-        name: peer.to_owned(),
-        reason,
+    let out = new_peer_dir(peer, out, || {
+        layout::peer_dir(base, fabric, peer).join("site")
     })?;
-    let out = out
-        .map(Path::to_owned)
-        .unwrap_or_else(|| layout::peer_dir(base, fabric, peer).join("site"));
-    if out.exists() {
-        return Err(Error::Exists(out));
-    }
     let site = certs::site().map_err(Error::Certs)?;
     create_new_dir(&out)?;
     let [ca, cp_cert, cp_key, dp_cert, dp_key] = SITE_FILES;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use anyhow::{anyhow, ensure, Context as _, Result};
 
 use crate::TempDir;
 
@@ -29,14 +29,11 @@ pub fn docker_dir() -> PathBuf {
 /// Whether the images are built: `Ok(false)` (skip, with a message) outside CI
 /// without them, an error under CI.
 pub fn available(test: &str) -> Result<bool> {
-    if std::env::var_os("CL_TEST_IMAGES").is_some() {
-        return Ok(true);
-    }
-    if std::env::var_os("CI").is_some() {
-        bail!("{test}: CL_TEST_IMAGES must be set under CI (.ci/run builds the images with docker/build.sh)");
-    }
-    eprintln!("{test}: skipped: no images (run docker/build.sh, then set CL_TEST_IMAGES=1)");
-    Ok(false)
+    crate::needs_env(
+        test,
+        "CL_TEST_IMAGES",
+        "the images: docker/build.sh, then CL_TEST_IMAGES=1; .ci/run does both",
+    )
 }
 
 /// `<registry>/<name>:<tag>` as build.sh names it (CL_REGISTRY, CL_TAG).

@@ -23,14 +23,11 @@ fn env_sh() -> PathBuf {
 /// Whether the environment has a test cluster: `Ok(false)` (skip, with a message)
 /// outside CI without one, an error under CI.
 pub fn available(test: &str) -> Result<bool> {
-    if std::env::var_os("CL_TEST_KUBECTL").is_some() {
-        return Ok(true);
-    }
-    if std::env::var_os("CI").is_some() {
-        bail!("{test}: CL_TEST_KUBECTL must be set under CI (.ci/run builds and starts the test API server)");
-    }
-    eprintln!("{test}: skipped: no test cluster (CL_TEST_KUBECTL; see tests/k8s/env.sh)");
-    Ok(false)
+    crate::needs_env(
+        test,
+        "CL_TEST_KUBECTL",
+        "a test cluster: tests/k8s/env.sh; .ci/run builds and starts the test API server",
+    )
 }
 
 /// kubectl on one cluster.

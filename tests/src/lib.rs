@@ -25,6 +25,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+// ---------------------------------------------------------------- environment
+
+/// Whether the environment variable `var` that a test needs is set: `Ok(false)` (skip,
+/// with a message saying `how` to get it) outside CI, an error under CI, where
+/// `.ci/run` sets it.
+pub fn needs_env(test: &str, var: &str, how: &str) -> Result<bool> {
+    if std::env::var_os(var).is_some() {
+        return Ok(true);
+    }
+    if std::env::var_os("CI").is_some() {
+        bail!("{test}: {var} must be set under CI ({how})");
+    }
+    eprintln!("{test}: skipped: {var} is not set ({how})");
+    Ok(false)
+}
+
 // ---------------------------------------------------------------- polling
 
 /// Polls `f` every 20 ms until it returns `Some`, or fails after `deadline`.
