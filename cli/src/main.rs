@@ -163,7 +163,7 @@ enum Deploy {
         #[arg(long, default_value = "info")]
         log_level: String,
         /// Seconds in-flight connections get when the peer stops.
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(long, default_value_t = 10.0, value_parser = fabric::clock::parse_flag_secs)]
         drain_timeout: f64,
         #[command(flatten)]
         k8s: K8sFlags,

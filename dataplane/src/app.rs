@@ -93,7 +93,7 @@ pub struct Config {
     #[arg(long, env = "CL_KEY_FILE")]
     pub key_file: PathBuf,
     /// Seconds in-flight streams get on SIGTERM before they are closed.
-    #[arg(long, env = "CL_DRAIN_TIMEOUT", default_value_t = 10.0)]
+    #[arg(long, env = "CL_DRAIN_TIMEOUT", default_value_t = 10.0, value_parser = fabric::clock::parse_flag_secs)]
     pub drain_timeout: f64,
     /// Milliseconds to connect to a remote gateway or an export target.
     #[arg(long, env = "CL_CONNECT_TIMEOUT_MS", default_value_t = 2000)]

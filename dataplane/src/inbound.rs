@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use controlplane_api::v1;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -296,38 +296,13 @@ async fn h2_stream(
         return;
     }
     // A peer request: read the body, bounded.
-    let mut data = Vec::new();
-    let read = async {
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.map_err(|_| StatusCode::BAD_REQUEST)?;
-            let _ = body.flow_control().release_capacity(chunk.len());
-            if data.len() + chunk.len() > MAX_BODY {
-                return Err(StatusCode::PAYLOAD_TOO_LARGE);
-            }
-            data.extend_from_slice(&chunk);
+    let data = match read_body(&parts.headers, &mut body, &ctx).await {
+        Ok(data) => data,
+        Err(e) => {
+            h2_reply(&mut respond, e.status(), Bytes::from_static(e.reason()));
+            return;
         }
-        Ok(())
     };
-    match tokio::time::timeout(ctx.handshake_timeout, read).await {
-        Ok(Ok(())) => {}
-        Ok(Err(status)) => {
-            ctx.metrics.rejected.with_label_values(&["body"]).inc();
-            h2_reply(
-                &mut respond,
-                status,
-                Bytes::from_static(b"bad request body"),
-            );
-            return;
-        }
-        Err(_) => {
-            ctx.metrics
-                .rejected
-                .with_label_values(&["body_timeout"])
-                .inc();
-            h2_reply(&mut respond, StatusCode::REQUEST_TIMEOUT, Bytes::new());
-            return;
-        }
-    }
     let (status, headers, body) = peer_request(
         &parts.method,
         parts.uri.path(),
@@ -348,6 +323,122 @@ async fn h2_stream(
             }
         }
     }
+}
+
+/// Why a peer request's body was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyError {
+    /// Declared (Content-Length) or sent beyond `MAX_BODY`.
+    TooLarge,
+    /// An unparsable Content-Length, or a broken stream.
+    Bad,
+    /// Not complete within the handshake timeout.
+    Timeout,
+}
+
+impl BodyError {
+    fn status(self) -> StatusCode {
+        match self {
+            BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Bad => StatusCode::BAD_REQUEST,
+            BodyError::Timeout => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    fn reason(self) -> &'static [u8] {
+        match self {
+            BodyError::TooLarge => b"request body too large",
+            BodyError::Bad => b"bad request body",
+            BodyError::Timeout => b"request body not received in time",
+        }
+    }
+
+    /// The `clusterlink_rejected_total` reason.
+    fn metric(self) -> &'static str {
+        match self {
+            BodyError::TooLarge | BodyError::Bad => "body",
+            BodyError::Timeout => "body_timeout",
+        }
+    }
+}
+
+/// A request body as chunks of data, for `read_body` (h2's and HTTP/1.1's).
+trait Chunks {
+    /// The next chunk of data; `None` at the end, `Err` on a broken stream.
+    fn next_chunk(&mut self)
+        -> impl std::future::Future<Output = Option<Result<Bytes, ()>>> + Send;
+}
+
+impl Chunks for h2::RecvStream {
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, ()>> {
+        let chunk = self.data().await?;
+        Some(match chunk {
+            Ok(b) => {
+                let _ = self.flow_control().release_capacity(b.len());
+                Ok(b)
+            }
+            Err(_) => Err(()),
+        })
+    }
+}
+
+impl Chunks for Incoming {
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, ()>> {
+        loop {
+            match self.frame().await? {
+                // Trailers carry no data; skip them.
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => return Some(Ok(data)),
+                    Err(_) => continue,
+                },
+                Err(_) => return Some(Err(())),
+            }
+        }
+    }
+}
+
+/// Reads a peer request's body with the same limits on both HTTP versions: a declared
+/// length over `MAX_BODY` is refused before reading a byte, more than `MAX_BODY` sent
+/// as soon as it arrives, and the whole body must arrive within the handshake timeout
+/// (a slow body holds a connection no longer than a slow head). Refusals are counted.
+async fn read_body(
+    headers: &http::HeaderMap,
+    body: &mut impl Chunks,
+    ctx: &Context,
+) -> Result<Vec<u8>, BodyError> {
+    let result = async {
+        let declared = match headers.get(http::header::CONTENT_LENGTH) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or(BodyError::Bad)?,
+            ),
+        };
+        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(BodyError::TooLarge);
+        }
+        let read = async {
+            let mut data = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+            while let Some(chunk) = body.next_chunk().await {
+                let chunk = chunk.map_err(|()| BodyError::Bad)?;
+                if data.len() + chunk.len() > MAX_BODY {
+                    return Err(BodyError::TooLarge);
+                }
+                data.extend_from_slice(&chunk);
+            }
+            Ok(data)
+        };
+        tokio::time::timeout(ctx.handshake_timeout, read)
+            .await
+            .map_err(|_| BodyError::Timeout)?
+    }
+    .await;
+    if let Err(e) = result {
+        ctx.metrics.rejected.with_label_values(&[e.metric()]).inc();
+    }
+    result
 }
 
 fn h2_reply(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, body: Bytes) {
@@ -434,20 +525,18 @@ async fn h1_request(
             },
         );
     }
-    let (parts, body) = req.into_parts();
-    let data = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes().to_vec(),
+    let (parts, mut body) = req.into_parts();
+    let data = match read_body(&parts.headers, &mut body, &ctx).await {
+        Ok(data) => data,
         Err(e) => {
-            ctx.metrics.rejected.with_label_values(&["body"]).inc();
-            let status = if e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            return Ok(h1_reply(status, "bad request body"));
+            // The rest of the body is not read: the connection cannot carry another
+            // request.
+            let mut resp = h1_reply(e.status(), e.reason());
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            return Ok(resp);
         }
     };
     let (status, headers, body) = peer_request(

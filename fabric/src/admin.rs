@@ -16,6 +16,9 @@ use tokio::sync::watch;
 /// How long a client of the admin port gets to send its request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the accept loop waits after a failed accept (EMFILE and the like).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 /// Serves `handler` on `listener` until `stop` turns true.
 pub async fn serve_http<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
 where
@@ -27,7 +30,16 @@ where
             a = listener.accept() => a,
             _ = crate::sync::stopped(&mut stop) => return,
         };
-        let Ok((tcp, _)) = accepted else { continue };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of descriptors and the like: the connection stays in the backlog
+                // and accept fails again at once; back off instead of spinning.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(handler);

@@ -48,6 +48,25 @@ pub fn rfc3339(secs: i64) -> String {
     )
 }
 
+/// The longest time a seconds flag (`--drain-timeout`) may name: a day.
+pub const MAX_FLAG_SECS: f64 = 86_400.0;
+
+/// A flag value in seconds: a finite number from 0 to `MAX_FLAG_SECS`, so that turning
+/// it into a `Duration` cannot panic (`inf`, `NaN` and overflowing values could).
+pub fn parse_flag_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if v.is_finite() && (0.0..=MAX_FLAG_SECS).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{s:?} is out of range: a number of seconds from 0 to {MAX_FLAG_SECS}"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +77,14 @@ mod tests {
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
         assert!(now_rfc3339().ends_with('Z'));
+    }
+
+    #[test]
+    fn flag_seconds_are_finite_and_bounded() {
+        assert_eq!(super::parse_flag_secs("2.5"), Ok(2.5));
+        assert_eq!(super::parse_flag_secs("0"), Ok(0.0));
+        for bad in ["inf", "-inf", "NaN", "-1", "1e30", "86401", "ten", ""] {
+            assert!(super::parse_flag_secs(bad).is_err(), "{bad} accepted");
+        }
     }
 }

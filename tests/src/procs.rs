@@ -64,6 +64,11 @@ pub fn free_port() -> Result<u16> {
 pub struct Proc(Option<Child>);
 
 impl Proc {
+    /// The process ID (0 once it has been reaped).
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
     /// Unless CL_TEST_VERBOSE is set (output to the terminal), the process's logs
     /// (stdout) and errors (stderr) go to `log`, new for each start; `ProcPeer` reads
     /// its tail when a start fails.

@@ -222,3 +222,147 @@ async fn drain_timeout_closes_what_is_left() -> Result<()> {
     );
     Ok(())
 }
+
+/// cl-dataplane as a process with its certificates and a control plane that is not
+/// there (it keeps retrying), its admin port on `admin`; extra arguments last.
+fn dataplane_command(
+    files: &PeerFiles,
+    admin: u16,
+    extra: &[&str],
+) -> Result<std::process::Command> {
+    let mut c = std::process::Command::new(tests::procs::binary("cl-dataplane")?);
+    let cp = tests::procs::free_port()?;
+    c.args([
+        "--gateway-addr",
+        "127.0.0.1:0",
+        "--import-bind",
+        "127.0.0.1",
+    ])
+    .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+    .args(["--controlplane", &format!("127.0.0.1:{cp}")])
+    .arg("--ca-file")
+    .arg(&files.ca)
+    .arg("--cert-file")
+    .arg(&files.cert)
+    .arg("--key-file")
+    .arg(&files.key)
+    .args(extra)
+    .stdin(std::process::Stdio::null());
+    Ok(c)
+}
+
+/// A flag value a `Duration` cannot hold (`inf`, `NaN`, 1e30) is refused with the
+/// reason at start-up, by both the data plane and `deploy peer`; before, `inf` was
+/// accepted and panicked in `Duration::from_secs_f64` when the data plane started.
+#[test]
+fn drain_timeouts_that_cannot_be_durations_are_refused() -> Result<()> {
+    let (_dir, files, _) = two_peer_files("drain-flag")?;
+    for bad in ["inf", "NaN", "1e30", "-1"] {
+        let admin = tests::procs::free_port()?;
+        let flag = format!("--drain-timeout={bad}");
+        let mut child = dataplane_command(&files, admin, &[&flag])?
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if std::time::Instant::now() >= end {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("cl-dataplane --drain-timeout {bad} is still running");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err)?;
+        }
+        ensure!(
+            status.code() == Some(2)
+                && err.contains("--drain-timeout")
+                && !err.contains("panicked"),
+            "cl-dataplane --drain-timeout {bad}: {status} {err}"
+        );
+    }
+    let out = std::process::Command::new(tests::procs::binary("clusterlink")?)
+        .args(["deploy", "peer", "--name", "p", "--drain-timeout", "inf"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(2) && err.contains("--drain-timeout"),
+        "deploy peer --drain-timeout inf: {} {err}",
+        out.status
+    );
+    Ok(())
+}
+
+/// CPU time (user + system, in clock ticks) the process has used so far.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("/proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let user: u64 = f.get(11).context("utime")?.parse()?;
+    let system: u64 = f.get(12).context("stime")?.parse()?;
+    Ok(user + system)
+}
+
+/// Out of descriptors, the admin port backs off instead of spinning: with the data
+/// plane's descriptor limit filled by idle admin connections, the connections waiting
+/// in the backlog make every accept fail at once (EMFILE); the process must stay
+/// nearly idle meanwhile. Before, the accept loop retried at once and burned a core.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_accept_backs_off_when_out_of_descriptors() -> Result<()> {
+    let (dir, files, _) = two_peer_files("admin-emfile")?;
+    let admin = tests::procs::free_port()?;
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg("--nofile=64:64").arg("--");
+    let inner = dataplane_command(&files, admin, &[])?;
+    cmd.arg(inner.get_program()).args(inner.get_args());
+    let mut p = tests::procs::Proc::spawn(&mut cmd, &dir.path().join("dataplane.log"))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], admin));
+    eventually("admin port", T, || async move {
+        TcpStream::connect(addr).await.ok().map(drop)
+    })
+    .await?;
+    // Idle connections until the limit bites (the kernel queues more than the
+    // process can accept), held while measuring; the admin port closes idle ones
+    // after 5 s, so the measurement stays well inside that.
+    let mut held = Vec::new();
+    for _ in 0..96 {
+        match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await {
+            Ok(Ok(c)) => held.push(c),
+            _ => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = p.pid();
+    let before = cpu_ticks(pid)?;
+    let t = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let used = cpu_ticks(pid)? - before;
+    let elapsed = t.elapsed().as_secs_f64();
+    // Clock ticks are 1/100 s on Linux: a spinning loop uses about 100 per second.
+    let share = used as f64 / 100.0 / elapsed;
+    let opened = held.len();
+    drop(held);
+    ensure!(p.ended().is_none(), "the data plane exited");
+    p.kill();
+    // More connections than the process has descriptors: the limit was reached.
+    ensure!(opened > 64, "only {opened} connections opened");
+    ensure!(
+        share < 0.25,
+        "the data plane used {:.0} % of a CPU while out of descriptors",
+        share * 100.0
+    );
+    let log = std::fs::read_to_string(dir.path().join("dataplane.log")).unwrap_or_default();
+    ensure!(
+        log.contains("admin accept failed"),
+        "no accept failure logged"
+    );
+    Ok(())
+}

@@ -283,3 +283,70 @@ async fn egress_denial_resets_the_client() -> Result<()> {
     );
     Ok(())
 }
+
+/// Peer-request bodies have the same limits on both HTTP versions: a declared length
+/// over the limit is refused at once (413) and a body that does not arrive gets 408
+/// within the handshake timeout (2 s here); an HTTP/1.1 connection then closes, as it
+/// cannot carry another request. Before, HTTP/1.1 waited for the declared 100 GB
+/// forever, and h2 answered 408 only after the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_request_bodies_are_bounded_on_both_http_versions() -> Result<()> {
+    let pair = Pair::start(Options::default()).await?;
+    let cert_a = pair.fabric.issue(PEER_A)?;
+    let gw = pair.b().gateway_addr;
+    let cases = [("99999999999", 413), ("100", 408)];
+    for (len, want) in cases {
+        let mut s = tls_connect(gw, &pair.fabric.ca_pem, &cert_a, PEER_B, &[b"http/1.1"]).await?;
+        let t = std::time::Instant::now();
+        let (status, body) = h1_request(
+            &mut s,
+            &format!("POST /authz HTTP/1.1\r\nHost: {PEER_B}\r\nContent-Length: {len}\r\n\r\nab"),
+        )
+        .await?;
+        let took = t.elapsed();
+        ensure!(
+            status == want,
+            "HTTP/1.1, Content-Length {len}: {status} {body:?}"
+        );
+        if want == 413 {
+            ensure!(took < Duration::from_secs(1), "413 only after {took:?}");
+        }
+        ensure!(
+            closed_by_peer(&mut s, Duration::from_secs(5)).await,
+            "HTTP/1.1 connection left open after {want}"
+        );
+    }
+    let tls = tls_connect(gw, &pair.fabric.ca_pem, &cert_a, PEER_B, &[b"h2"]).await?;
+    let (client, conn) = h2::client::handshake(tls).await?;
+    tokio::spawn(conn);
+    for (len, want) in cases {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("https://{PEER_B}/authz"))
+            .header("content-length", len)
+            .body(())?;
+        let (resp, mut send) = client.clone().ready().await?.send_request(req, false)?;
+        send.send_data(bytes::Bytes::from_static(b"ab"), false)?;
+        let t = std::time::Instant::now();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp).await??;
+        let took = t.elapsed();
+        ensure!(
+            resp.status() == want,
+            "h2, content-length {len}: {}",
+            resp.status()
+        );
+        if want == 413 {
+            ensure!(took < Duration::from_secs(1), "413 only after {took:?}");
+        }
+    }
+    let m = metrics_of(pair.b()).await?;
+    for (reason, n) in [("body", 2.0), ("body_timeout", 2.0)] {
+        let got = metric(
+            &m,
+            "clusterlink_gateway_rejected_total",
+            &[&format!("reason=\"{reason}\"")],
+        );
+        ensure!(got == n, "rejected {reason}: {got}, want {n}\n{m}");
+    }
+    Ok(())
+}
