@@ -615,25 +615,31 @@ async fn authorize_and_dial(
     identity: &str,
     ctx: &Context,
 ) -> Result<(TcpStream, String), (StatusCode, String)> {
-    let deny = |reason: &'static str, status: StatusCode, text: String| {
+    // The remote peer learns the category of a refusal, never this side's internals
+    // (token claims naming peers, the export's host and port, error texts); those go
+    // to the local log with the requester's identity.
+    let deny = |reason: &'static str, status: StatusCode, public: &str, detail: String| {
         ctx.metrics
             .denials
             .with_label_values(&["inbound", reason])
             .inc();
-        (status, text)
+        tracing::info!(peer = identity, reason, detail = %detail, "inbound tunnel refused");
+        (status, public.to_owned())
     };
     let Some(auth) = auth else {
         return Err(deny(
             "no_token",
             StatusCode::BAD_REQUEST,
-            "Missing 'authorization' header.".into(),
+            "Missing 'authorization' header.",
+            "no authorization header".into(),
         ));
     };
     let Some(token) = auth.strip_prefix("Bearer ") else {
         return Err(deny(
             "no_token",
             StatusCode::BAD_REQUEST,
-            "Authorization header is not using the bearer scheme.".into(),
+            "Authorization header is not using the bearer scheme.",
+            "authorization header without the bearer scheme".into(),
         ));
     };
     let snap = ctx.store.load();
@@ -645,20 +651,24 @@ async fn authorize_and_dial(
         fabric::clock::unix_secs(),
     )
     .map_err(|e| {
-        let reason = match e {
-            token::Error::Expired => "token_expired",
-            token::Error::StaleEpoch { .. } => "token_stale",
-            token::Error::WrongPeer { .. } => "token_wrong_peer",
-            _ => "token_invalid",
+        let (reason, public) = match e {
+            token::Error::Expired => ("token_expired", "access token expired"),
+            token::Error::StaleEpoch { .. } => {
+                ("token_stale", "access token minted under an older policy")
+            }
+            token::Error::WrongPeer { .. } => ("token_wrong_peer", "access token not valid"),
+            _ => ("token_invalid", "access token not valid"),
         };
-        deny(reason, StatusCode::FORBIDDEN, e.to_string())
+        deny(reason, StatusCode::FORBIDDEN, public, e.to_string())
     })?;
     let service = crate::snapshot::key(&claims.export_namespace, &claims.export_name);
     let Some(export) = snap.exports.get(&service) else {
+        // The name is the requester's own (from the token this peer minted for it).
         return Err(deny(
             "unknown_export",
             StatusCode::NOT_FOUND,
-            format!("Exported service '{service}' not found."),
+            &format!("Exported service '{service}' not found."),
+            format!("no export {service}"),
         ));
     };
     let target = (export.host.as_str(), export.port);
@@ -670,6 +680,7 @@ async fn authorize_and_dial(
         Ok(Err(e)) => Err(deny(
             "target_unreachable",
             StatusCode::BAD_GATEWAY,
+            "exported service unreachable",
             format!(
                 "cannot reach {}:{} for '{service}': {e}",
                 export.host, export.port
@@ -678,6 +689,7 @@ async fn authorize_and_dial(
         Err(_) => Err(deny(
             "target_unreachable",
             StatusCode::GATEWAY_TIMEOUT,
+            "exported service did not answer in time",
             format!(
                 "timed out connecting to {}:{} for '{service}'",
                 export.host, export.port

@@ -350,3 +350,51 @@ async fn peer_request_bodies_are_bounded_on_both_http_versions() -> Result<()> {
     }
     Ok(())
 }
+
+/// Refusals tell the remote peer the category, not this side's internals: no peer
+/// names from token claims, no export host or port, no error texts. Before, a token
+/// issued to another peer was answered with both peers' names, and an unreachable
+/// export with its internal address and the OS error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_tell_the_remote_no_internal_detail() -> Result<()> {
+    // The export's target is a port nothing listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?
+    };
+    let pair = Pair::start_with_target(Options::default(), closed).await?;
+    let cert_a = pair.fabric.issue(PEER_A)?;
+    let cases = [
+        ("issued to another peer", token_for("peer-c", 60, 1), 403),
+        ("older policy epoch", token_for(PEER_A, 60, 0), 403),
+        ("valid, target down", token_for(PEER_A, 60, 1), 502),
+    ];
+    let internal = [
+        "peer-c".to_owned(),
+        PEER_A.to_owned(),
+        closed.to_string(),
+        closed.port().to_string(),
+        "refused".to_owned(),
+        "epoch 0".to_owned(),
+    ];
+    for (what, token, want) in cases {
+        let mut s = tls_connect(
+            pair.b().gateway_addr,
+            &pair.fabric.ca_pem,
+            &cert_a,
+            PEER_B,
+            &[b"http/1.1"],
+        )
+        .await?;
+        let (status, body) = h1_request(&mut s, &connect_head(Some(&token))).await?;
+        ensure!(status == want, "{what}: {status} {body:?}, want {want}");
+        ensure!(!body.is_empty(), "{what}: no reason at all");
+        for secret in &internal {
+            ensure!(
+                !body.contains(secret.as_str()),
+                "{what}: the refusal tells the remote {secret:?}: {body:?}"
+            );
+        }
+    }
+    Ok(())
+}
