@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
@@ -12,6 +13,10 @@ use super::conn::{Conn, OnOpen};
 use super::frame::{frame_len, FrameBuf, GOAWAY, HEADER};
 use super::{Error, MAX_DATA};
 use fabric::sync::lock;
+
+/// How long a retired client connection (no handle, no stream, our side closed)
+/// waits for the remote's close before it ends anyway.
+pub(super) const RETIRED_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs a connection: reads and dispatches frames, and sends the reader's control
 /// frames, until the connection ends. A server stops taking streams when `stop` turns
@@ -39,7 +44,11 @@ pub(super) async fn drive<R: AsyncRead + Unpin>(
                     // What is left to write (a cancelled send's rest, the last
                     // stream's RST) goes out first.
                     conn.finish(true, true).await;
-                    return std::future::pending().await;
+                    // The remote's close ends the reader; one that never closes
+                    // (stopped, black-holed, or hostile) does not hold the connection
+                    // beyond `RETIRED_CLOSE_WAIT`.
+                    tokio::time::sleep(RETIRED_CLOSE_WAIT).await;
+                    return;
                 }
                 if lock(&conn.ctrl).is_empty() {
                     continue;

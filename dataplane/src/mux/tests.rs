@@ -222,6 +222,37 @@ async fn a_dropped_client_ends_the_connection_after_its_last_stream() -> anyhow:
     Ok(())
 }
 
+/// A retired client connection (every handle dropped, no stream) closes its side and
+/// ends within `RETIRED_CLOSE_WAIT` even when the remote never closes its own: before,
+/// it waited for the remote's end of file without a deadline.
+#[tokio::test]
+async fn a_retired_connection_does_not_wait_forever_for_the_remote() -> anyhow::Result<()> {
+    let (c, mut remote) = tcp_pair().await?;
+    let (client, driver) = Client::new(c);
+    let driver = tokio::spawn(driver);
+    drop(client);
+    // The remote sees our close (FIN after close of our side) but keeps its own open.
+    let mut got = Vec::new();
+    timeout(T, remote.read_to_end(&mut got))
+        .await
+        .context("our side never closed")??;
+    let started = tokio::time::Instant::now();
+    timeout(
+        super::reader::RETIRED_CLOSE_WAIT + Duration::from_secs(3),
+        driver,
+    )
+    .await
+    .context("the retired connection still waits for the remote")??
+    .ok();
+    ensure!(
+        started.elapsed() <= super::reader::RETIRED_CLOSE_WAIT + Duration::from_secs(2),
+        "ended after {:?}",
+        started.elapsed()
+    );
+    drop(remote);
+    Ok(())
+}
+
 /// Beyond `MAX_STREAMS` an OPEN is refused as not processed (status 0), so that
 /// the client may open it on another connection; the ones before stay open.
 #[tokio::test]
