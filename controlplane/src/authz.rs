@@ -363,9 +363,20 @@ impl Authz {
         let Some(export_labels) = export_labels.filter(|_| self.core.is_valid(&key)) else {
             return text(404, format!("Exported service '{ns}/{name}' not found."));
         };
-        // The requester is who its certificate says, whatever it claims.
-        let mut src = body.src_attributes.unwrap_or_default();
+        // The requester is who its certificate says, and its peer labels are those this
+        // peer learned from its heartbeats (the Peer's status.labels), whatever the
+        // request claims; the client attributes in the request stay the importing
+        // peer's claims about its own clients.
+        let mut src: Attrs = body
+            .src_attributes
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(pdp::PEER_PREFIX))
+            .collect();
         src.insert(pdp::PEER_NAME.into(), identity.to_owned());
+        for (k, v) in self.core.health(identity).labels.unwrap_or_default() {
+            src.insert(format!("{}{k}", pdp::PEER_LABELS_PREFIX), v);
+        }
         let mut dst = Attrs::new();
         dst.insert(pdp::EXPORT_NAME.into(), name.to_owned());
         dst.insert(pdp::EXPORT_NAMESPACE.into(), ns.to_owned());

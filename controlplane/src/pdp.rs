@@ -13,6 +13,9 @@ pub use crate::selector::Attrs;
 
 /// Source: the peer's name (also a destination attribute: the exporting peer).
 pub const PEER_NAME: &str = "peer.clusterlink.net/name";
+/// Every peer attribute starts so: on the exporting side, this peer sets them from
+/// what it knows of the requester, never from the request.
+pub const PEER_PREFIX: &str = "peer.clusterlink.net/";
 /// Prefix of the peer's labels (`--peer-label`s, or `Peer.status.labels`).
 pub const PEER_LABELS_PREFIX: &str = "peer.clusterlink.net/labels.";
 /// Source: the client pod's namespace.

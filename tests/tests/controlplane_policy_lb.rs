@@ -615,3 +615,72 @@ async fn peer_labels_from_heartbeats() -> Result<()> {
     expect(import, None, "(4) cl1 denies cluster=cl0").await?;
     Ok(())
 }
+
+/// The exporter takes the requester's peer labels from what it learned of that peer
+/// (its heartbeats), never from the request: cl1, labelled env=dev, that claims
+/// env=prod in its authorization request gets no token from cl0, whose policy admits
+/// only env=prod peers (spec 3.9's hole, which ClusterLink has). Once cl0 admits
+/// env=dev, the ordinary path works, from the labels cl0 learned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_peer_labels_are_not_trusted() -> Result<()> {
+    let (_root, cl0, cl1, import) = policy_pair(&[], &["env=dev"]).await?;
+    cl1.write("policy.yaml", ALLOW_ALL)?;
+    let peer_env = "peer.clusterlink.net/labels.env";
+    put(
+        &cl0,
+        Policy::regular("allow", "allow", &[(peer_env, "prod")], &[]),
+    )
+    .await?;
+    // cl0 knows cl1's labels from its heartbeats.
+    eventually("cl1's labels on cl0", T, || async {
+        let p = cl0.get("/api/peers/cl1").await.ok()?;
+        (p["status"]["labels"]["env"] == "dev").then_some(())
+    })
+    .await?;
+    expect(import, None, "cl1 (env=dev) is not admitted").await?;
+
+    // cl1's own certificate, and a request claiming env=prod.
+    let cert = PeerCert {
+        name: "cl1".into(),
+        chain_pem: std::fs::read_to_string(&cl1.files.cert)?,
+        key_pem: std::fs::read_to_string(&cl1.files.key)?,
+        serial: 0,
+    };
+    let claim = serde_json::json!({
+        "ServiceName": "echo",
+        "ServiceNamespace": "default",
+        "SrcAttributes": {
+            "peer.clusterlink.net/name": "cl1",
+            peer_env: "prod",
+        },
+    })
+    .to_string();
+    let mut s = tls_connect(
+        cl0.dp.gateway_addr,
+        &std::fs::read_to_string(&cl0.files.ca)?,
+        &cert,
+        "cl0",
+        &[b"http/1.1"],
+    )
+    .await?;
+    let (status, body) = h1_request(
+        &mut s,
+        &format!(
+            "POST /authz HTTP/1.1\r\nHost: cl0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{claim}",
+            claim.len()
+        ),
+    )
+    .await?;
+    ensure!(
+        status == 403,
+        "a claimed env=prod was trusted: {status} {body:?}"
+    );
+
+    put(
+        &cl0,
+        Policy::regular("allow", "allow", &[(peer_env, "dev")], &[]),
+    )
+    .await?;
+    expect(import, Some("cl0"), "cl0 admits env=dev, as it learned").await?;
+    Ok(())
+}
