@@ -98,8 +98,8 @@ pub struct Config {
     /// Milliseconds to connect to a remote gateway or an export target.
     #[arg(long, env = "CL_CONNECT_TIMEOUT_MS", default_value_t = 2000)]
     pub connect_timeout_ms: u64,
-    /// Milliseconds a client gets to finish the TLS handshake, and then to send a
-    /// complete request head, on the gateway port.
+    /// Milliseconds a client gets to finish the TLS handshake, then to send a complete
+    /// request head, and then a peer request's whole body, on the gateway port.
     #[arg(long, env = "CL_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
     /// How often certificate files are checked for changes, in milliseconds.
