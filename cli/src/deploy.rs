@@ -1,7 +1,8 @@
 //! `clusterlink deploy peer --platform local`: runs the peer's cl-controlplane and
 //! cl-dataplane in the foreground, records their ports in the peer directory, and on
-//! SIGINT/SIGTERM drains both and exits 0. If either component dies, the other is
-//! stopped and the command fails, naming it.
+//! SIGINT/SIGTERM drains both and exits 0. A component that dies is restarted with
+//! backoff while the other keeps running (the data plane serves from its last snapshot
+//! meanwhile); one that keeps dying right after each start ends the peer, naming it.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -88,12 +89,15 @@ async fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::
     }
 }
 
-async fn wait_ready(what: &str, admin: &str, children: &mut [(&str, &mut Child)]) -> Result<()> {
+async fn wait_ready(what: &str, admin: &str, components: &mut [&mut Component]) -> Result<()> {
     let end = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        for (name, c) in children.iter_mut() {
-            if let Ok(Some(s)) = c.try_wait() {
-                bail!("{name} exited during start-up ({s}); run with --log-level debug to see why");
+        for c in components.iter_mut() {
+            if let Some(s) = c.exited() {
+                bail!(
+                    "{} exited during start-up ({s}); run with --log-level debug to see why",
+                    c.name
+                );
             }
         }
         if matches!(crate::http::get(admin, "/ready").await, Ok((200, _))) {
@@ -169,64 +173,79 @@ pub async fn run(o: Options) -> Result<()> {
         controlplane_grpc: grpc_endpoint.clone(),
         import_bind: o.import_bind.to_string(),
     };
-    let mut cp = component("cl-controlplane")?
-        .args(match run.controlplane_grpc.strip_prefix("unix:") {
-            Some(path) => ["--grpc-socket".to_owned(), path.to_owned()],
-            None => ["--grpc-addr".to_owned(), run.controlplane_grpc.clone()],
-        })
-        .arg("--admin-addr")
-        .arg(&run.controlplane_admin)
-        .arg("--resources-dir")
-        .arg(&resources)
-        .arg("--token-key-file")
-        .arg(pdir.join("token.key"))
-        .arg("--ca-file")
-        .arg(&ca)
-        .arg("--cert-file")
-        .arg(&cert)
-        .arg("--key-file")
-        .arg(&key)
-        .args(
-            o.labels
-                .iter()
-                .flat_map(|l| ["--peer-label".to_owned(), l.clone()]),
-        )
-        .args(["--log-level", &o.log_level])
-        .spawn()
-        .context("starting cl-controlplane")?;
-    let dp = component("cl-dataplane")?
-        .arg("--gateway-addr")
-        .arg(format!("0.0.0.0:{gateway_port}"))
-        .arg("--admin-addr")
-        .arg(&run.dataplane_admin)
-        .arg("--import-bind")
-        .arg(&run.import_bind)
-        .arg("--controlplane")
-        .arg(&run.controlplane_grpc)
-        .arg("--ca-file")
-        .arg(&ca)
-        .arg("--cert-file")
-        .arg(&cert)
-        .arg("--key-file")
-        .arg(&key)
-        .args(["--log-level", &o.log_level])
-        .args(["--drain-timeout", &o.drain_timeout.to_string()])
-        .spawn();
-    let mut dp = match dp {
-        Ok(dp) => dp,
-        Err(e) => {
-            terminate(&mut cp);
-            wait_exit(&mut cp, Duration::from_secs(5)).await;
-            return Err(e).context("starting cl-dataplane");
+    let cp_command = {
+        let (run, o) = (run.clone(), (o.labels.clone(), o.log_level.clone()));
+        let (resources, pdir, ca, cert, key) = (
+            resources.clone(),
+            pdir.clone(),
+            ca.clone(),
+            cert.clone(),
+            key.clone(),
+        );
+        move || -> Result<Command> {
+            let mut c = component("cl-controlplane")?;
+            c.args(match run.controlplane_grpc.strip_prefix("unix:") {
+                Some(path) => ["--grpc-socket".to_owned(), path.to_owned()],
+                None => ["--grpc-addr".to_owned(), run.controlplane_grpc.clone()],
+            })
+            .arg("--admin-addr")
+            .arg(&run.controlplane_admin)
+            .arg("--resources-dir")
+            .arg(&resources)
+            .arg("--token-key-file")
+            .arg(pdir.join("token.key"))
+            .arg("--ca-file")
+            .arg(&ca)
+            .arg("--cert-file")
+            .arg(&cert)
+            .arg("--key-file")
+            .arg(&key)
+            .args(
+                o.0.iter()
+                    .flat_map(|l| ["--peer-label".to_owned(), l.clone()]),
+            )
+            .args(["--log-level", &o.1]);
+            Ok(c)
         }
     };
+    let dp_command = {
+        let (run, log_level, drain) = (run.clone(), o.log_level.clone(), o.drain_timeout);
+        let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
+        move || -> Result<Command> {
+            let mut c = component("cl-dataplane")?;
+            c.arg("--gateway-addr")
+                .arg(format!("0.0.0.0:{gateway_port}"))
+                .arg("--admin-addr")
+                .arg(&run.dataplane_admin)
+                .arg("--import-bind")
+                .arg(&run.import_bind)
+                .arg("--controlplane")
+                .arg(&run.controlplane_grpc)
+                .arg("--ca-file")
+                .arg(&ca)
+                .arg("--cert-file")
+                .arg(&cert)
+                .arg("--key-file")
+                .arg(&key)
+                .args(["--log-level", &log_level])
+                .args(["--drain-timeout", &drain.to_string()]);
+            Ok(c)
+        }
+    };
+    let mut cp = Component::new("cl-controlplane", Box::new(cp_command));
+    cp.spawn()?;
+    let mut dp = Component::new("cl-dataplane", Box::new(dp_command));
+    if let Err(e) = dp.spawn() {
+        cp.stop(Duration::from_secs(5)).await;
+        return Err(e);
+    }
     let run_file = layout::run_file(&pdir);
-    let result = async {
+    let result: Result<()> = async {
         let tmp = run_file.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&run)?)?;
         std::fs::rename(&tmp, &run_file)?;
-        wait_ready("cl-controlplane", &run.controlplane_admin, &mut [("cl-controlplane", &mut cp), ("cl-dataplane", &mut dp)]).await?;
-        wait_ready("cl-dataplane", &run.dataplane_admin, &mut [("cl-controlplane", &mut cp), ("cl-dataplane", &mut dp)]).await?;
+        wait_ready("cl-controlplane", &run.controlplane_admin, &mut [&mut cp, &mut dp]).await?;
+        wait_ready("cl-dataplane", &run.dataplane_admin, &mut [&mut cp, &mut dp]).await?;
         println!(
             "peer {} is running: gateway 0.0.0.0:{gateway_port}, imports on {}, control plane admin http://{}, data plane admin http://{}",
             o.peer, run.import_bind, run.controlplane_admin, run.dataplane_admin
@@ -235,36 +254,149 @@ pub async fn run(o: Options) -> Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // Supervision: a component that dies is restarted with backoff while the other
+        // keeps running (the data plane serves from its last snapshot while its control
+        // plane is away, and resyncs when it is back; the control plane does not need
+        // its data plane); one that keeps dying ends the peer, with the reason.
         loop {
             tokio::select! {
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
-            for (name, c) in [("cl-controlplane", &mut cp), ("cl-dataplane", &mut dp)] {
-                if let Ok(Some(s)) = c.try_wait() {
-                    bail!("{name} exited unexpectedly ({s})");
-                }
-            }
+            cp.supervise()?;
+            dp.supervise()?;
         }
     }
     .await;
     // Drain the data plane first (it keeps serving from its last snapshot), then
     // stop the control plane.
-    terminate(&mut dp);
     let drain = Duration::from_secs_f64(o.drain_timeout.max(0.0) + 5.0);
-    let dp_status = wait_exit(&mut dp, drain).await;
-    terminate(&mut cp);
-    let cp_status = wait_exit(&mut cp, Duration::from_secs(10)).await;
+    let dp_status = dp.stop(drain).await;
+    let cp_status = cp.stop(Duration::from_secs(10)).await;
     let _ = std::fs::remove_file(&run_file);
     result?;
     for (name, s) in [("cl-dataplane", dp_status), ("cl-controlplane", cp_status)] {
         match s {
-            Some(s) if s.success() => {}
-            Some(s) => bail!("{name} exited with {s}"),
-            None => bail!("{name} did not exit"),
+            Stopped::Exited(s) if s.success() => {}
+            Stopped::Exited(s) => bail!("{name} exited with {s}"),
+            Stopped::Hung => bail!("{name} did not exit"),
+            // Down (between restarts) when the signal came.
+            Stopped::NotRunning => {}
         }
     }
     println!("peer {} stopped", o.peer);
     Ok(())
+}
+
+/// Restart backoff: the first wait, and the longest.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A component that ran this long before it died is restarted as if for the first time.
+const STABLE: Duration = Duration::from_secs(30);
+/// Deaths in a row, each within `STABLE` of its start, after which the peer gives up.
+const MAX_QUICK_DEATHS: u32 = 5;
+
+/// How a component ended when the peer stopped.
+enum Stopped {
+    Exited(std::process::ExitStatus),
+    Hung,
+    NotRunning,
+}
+
+/// One supervised component: how to start it, its process, and its restart state.
+struct Component {
+    name: &'static str,
+    command: Box<dyn Fn() -> Result<Command> + Send>,
+    child: Option<Child>,
+    started: std::time::Instant,
+    restart_at: Option<tokio::time::Instant>,
+    deaths: u32,
+    backoff: Duration,
+}
+
+impl Component {
+    fn new(name: &'static str, command: Box<dyn Fn() -> Result<Command> + Send>) -> Self {
+        Component {
+            name,
+            command,
+            child: None,
+            started: std::time::Instant::now(),
+            restart_at: None,
+            deaths: 0,
+            backoff: FIRST_BACKOFF,
+        }
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let child = (self.command)()?
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        self.started = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// The exit status, if the process has exited (and is then no longer held).
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
+    /// Notices a death and schedules the restart, or restarts when it is due; fails
+    /// when the component keeps dying right after its starts.
+    fn supervise(&mut self) -> Result<()> {
+        if let Some(status) = self.exited() {
+            self.died(&status.to_string())?;
+        }
+        if self
+            .restart_at
+            .is_some_and(|at| tokio::time::Instant::now() >= at)
+        {
+            self.restart_at = None;
+            match self.spawn() {
+                Ok(()) => eprintln!("{}: restarted", self.name),
+                Err(e) => self.died(&format!("{e:#}"))?,
+            }
+        }
+        Ok(())
+    }
+
+    fn died(&mut self, why: &str) -> Result<()> {
+        if self.started.elapsed() >= STABLE {
+            self.deaths = 0;
+            self.backoff = FIRST_BACKOFF;
+        }
+        self.deaths += 1;
+        if self.deaths > MAX_QUICK_DEATHS {
+            bail!(
+                "{} keeps dying ({why}): {} times in a row within {} s of starting; giving up (run with --log-level debug to see why)",
+                self.name,
+                self.deaths,
+                STABLE.as_secs()
+            );
+        }
+        eprintln!(
+            "{}: died ({why}); restarting in {:.1} s",
+            self.name,
+            self.backoff.as_secs_f64()
+        );
+        self.restart_at = Some(tokio::time::Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        Ok(())
+    }
+
+    /// SIGTERM, then up to `within` for it to exit (SIGKILL after that).
+    async fn stop(&mut self, within: Duration) -> Stopped {
+        self.restart_at = None;
+        let Some(mut child) = self.child.take() else {
+            return Stopped::NotRunning;
+        };
+        terminate(&mut child);
+        match wait_exit(&mut child, within).await {
+            Some(s) => Stopped::Exited(s),
+            None => Stopped::Hung,
+        }
+    }
 }

@@ -1204,6 +1204,220 @@ fn deploy_get_reachability() -> Result<()> {
     Ok(())
 }
 
+/// A TCP echo service on 127.0.0.1 (a thread per connection), for the lifetime of the
+/// test process.
+fn echo_service() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s;
+                let Ok(mut w) = r.try_clone() else { return };
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// One line through the import on 127.0.0.1:`port`, echoed back.
+fn echoes(port: u16, within: Duration) -> bool {
+    use std::io::Write as _;
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        let ok = (|| -> Result<bool> {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            c.write_all(b"ping\n")?;
+            let mut b = [0u8; 5];
+            c.read_exact(&mut b)?;
+            Ok(&b == b"ping\n")
+        })();
+        if matches!(ok, Ok(true)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// The PID of the child of `parent` whose command name is `comm`.
+fn child_named(parent: u32, comm: &str) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = &stat[open + 1..close];
+        let ppid = stat[close + 1..].split_whitespace().nth(1);
+        if name == comm && ppid == Some(&parent.to_string()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn kill9(pid: u32) -> Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid)?),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    Ok(())
+}
+
+/// `deploy peer` supervises its two components: the exporting peer's control plane
+/// killed (-9) is restarted while its data plane keeps serving, so an established
+/// connection through the import carries on and new ones work once it is back; its
+/// data plane killed is restarted too; a control plane that dies at every start ends
+/// the peer with the reason. Before, the death of either component stopped both.
+#[test]
+fn deploy_restarts_a_dead_component_and_keeps_the_other_serving() -> Result<()> {
+    let t = TempDir::new("supervise")?;
+    create_fabric(&t, "F")?;
+    create_peer(&t, "F", "peer-a")?;
+    create_peer(&t, "F", "peer-b")?;
+    let (adir, bdir) = (t.path().join("F/peer-a"), t.path().join("F/peer-b"));
+    let mut a = Deployed::start(&t, "F", "peer-a")?;
+    let mut b = Deployed::start(&t, "F", "peer-b")?;
+    let a_port = wait_run_json(&mut a, &adir, Duration::from_secs(60))?;
+    let b_port = wait_run_json(&mut b, &bdir, Duration::from_secs(60))?;
+    let target = echo_service()?;
+    let import = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let allow = "apiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\nmetadata:\n  name: allow-all\n  namespace: default\nspec:\n  action: allow\n  from:\n  - workloadSelector: {}\n  to:\n  - workloadSelector: {}\n";
+    let apply = |peer: &str, file: &str, yaml: String| -> Result<()> {
+        let path = t.path().join(file);
+        std::fs::write(&path, yaml)?;
+        run([
+            "apply",
+            "--name",
+            peer,
+            "--fabric",
+            "F",
+            "--path",
+            t.str()?,
+            "-f",
+            path_str(&path)?,
+        ])?
+        .ok(&format!("apply {file}"))?;
+        Ok(())
+    };
+    apply("peer-a", "a-peer.yaml", peer_yaml("peer-b", b_port))?;
+    apply("peer-b", "b-peer.yaml", peer_yaml("peer-a", a_port))?;
+    apply("peer-a", "a-allow.yaml", allow.to_owned())?;
+    apply("peer-b", "b-allow.yaml", allow.to_owned())?;
+    apply(
+        "peer-b",
+        "export.yaml",
+        format!("apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata:\n  name: echo\n  namespace: default\nspec:\n  host: 127.0.0.1\n  port: {target}\n"),
+    )?;
+    apply(
+        "peer-a",
+        "import.yaml",
+        format!("apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: echo\n  namespace: default\nspec:\n  port: {import}\n  sources:\n  - peer: peer-b\n    exportName: echo\n    exportNamespace: default\n"),
+    )?;
+    ensure!(
+        echoes(import, Duration::from_secs(60)),
+        "no traffic through the import:\n{}",
+        b.log()
+    );
+
+    // An established connection, then b's control plane dies.
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", import))?;
+    held.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let round = |c: &mut std::net::TcpStream, msg: &[u8]| -> Result<()> {
+        use std::io::Write as _;
+        c.write_all(msg)?;
+        let mut got = vec![0u8; msg.len()];
+        c.read_exact(&mut got)?;
+        ensure!(got == msg, "echo differs");
+        Ok(())
+    };
+    round(&mut held, b"before")?;
+    let b_pid = b.child.as_ref().map(Child::id).context("b runs")?;
+    let cp = child_named(b_pid, "cl-controlplane").context("b's control plane")?;
+    kill9(cp)?;
+    round(&mut held, b"while the control plane is dead")?;
+    let end = Instant::now() + Duration::from_secs(30);
+    let restarted = loop {
+        b.check_running()?;
+        if let Some(p) = child_named(b_pid, "cl-controlplane").filter(|p| *p != cp) {
+            break p;
+        }
+        ensure!(
+            Instant::now() < end,
+            "b's control plane was not restarted:\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        b.log().contains("cl-controlplane: died"),
+        "no reason logged:\n{}",
+        b.log()
+    );
+    round(&mut held, b"after the restart")?;
+    ensure!(
+        echoes(import, Duration::from_secs(60)),
+        "no new connection after the control plane restart:\n{}",
+        b.log()
+    );
+
+    // b's data plane dies: restarted, and the import carries again.
+    let dp = child_named(b_pid, "cl-dataplane").context("b's data plane")?;
+    kill9(dp)?;
+    let end = Instant::now() + Duration::from_secs(30);
+    while child_named(b_pid, "cl-dataplane")
+        .filter(|p| *p != dp)
+        .is_none()
+    {
+        b.check_running()?;
+        ensure!(
+            Instant::now() < end,
+            "b's data plane was not restarted:\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        echoes(import, Duration::from_secs(60)),
+        "no traffic after the data plane restart:\n{}",
+        b.log()
+    );
+
+    // A control plane that cannot start (its certificate now unreadable garbage) dies
+    // at every restart: the peer gives up, naming it.
+    std::fs::write(bdir.join("cert.pem"), "garbage")?;
+    kill9(restarted)?;
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(c) = b.child.as_mut() {
+            if let Some(s) = c.try_wait()? {
+                break s;
+            }
+        }
+        ensure!(Instant::now() < end, "deploy did not give up:\n{}", b.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    b.child = None;
+    ensure!(!status.success(), "deploy exited 0 after giving up");
+    ensure!(
+        b.log().contains("cl-controlplane keeps dying"),
+        "{}",
+        b.log()
+    );
+    drop(held);
+    a.stop(Duration::from_secs(30))?;
+    Ok(())
+}
+
 #[test]
 fn deploy_k8s_without_certificates_names_the_folder() -> Result<()> {
     let t = TempDir::new("k8s")?;
