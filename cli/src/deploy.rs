@@ -52,6 +52,20 @@ pub fn find_binary(name: &str) -> Result<PathBuf> {
     bail!("{name} not found next to clusterlink or on PATH (build both: cargo build --release -p dataplane -p controlplane)")
 }
 
+/// A plane's command with what both take alike: the peer's CA, certificate and key
+/// files, and the log level.
+fn plane(name: &str, [ca, cert, key]: [&PathBuf; 3], log_level: &str) -> Result<Command> {
+    let mut c = component(name)?;
+    c.arg("--ca-file")
+        .arg(ca)
+        .arg("--cert-file")
+        .arg(cert)
+        .arg("--key-file")
+        .arg(key)
+        .args(["--log-level", log_level]);
+    Ok(c)
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -183,7 +197,7 @@ pub async fn run(o: Options) -> Result<()> {
             key.clone(),
         );
         move || -> Result<Command> {
-            let mut c = component("cl-controlplane")?;
+            let mut c = plane("cl-controlplane", [&ca, &cert, &key], &o.1)?;
             c.args(match run.controlplane_grpc.strip_prefix("unix:") {
                 Some(path) => ["--grpc-socket".to_owned(), path.to_owned()],
                 None => ["--grpc-addr".to_owned(), run.controlplane_grpc.clone()],
@@ -194,17 +208,10 @@ pub async fn run(o: Options) -> Result<()> {
             .arg(&resources)
             .arg("--token-key-file")
             .arg(pdir.join("token.key"))
-            .arg("--ca-file")
-            .arg(&ca)
-            .arg("--cert-file")
-            .arg(&cert)
-            .arg("--key-file")
-            .arg(&key)
             .args(
                 o.0.iter()
                     .flat_map(|l| ["--peer-label".to_owned(), l.clone()]),
-            )
-            .args(["--log-level", &o.1]);
+            );
             Ok(c)
         }
     };
@@ -212,7 +219,7 @@ pub async fn run(o: Options) -> Result<()> {
         let (run, log_level, drain) = (run.clone(), o.log_level.clone(), o.drain_timeout);
         let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
         move || -> Result<Command> {
-            let mut c = component("cl-dataplane")?;
+            let mut c = plane("cl-dataplane", [&ca, &cert, &key], &log_level)?;
             c.arg("--gateway-addr")
                 .arg(format!("0.0.0.0:{gateway_port}"))
                 .arg("--admin-addr")
@@ -221,13 +228,6 @@ pub async fn run(o: Options) -> Result<()> {
                 .arg(&run.import_bind)
                 .arg("--controlplane")
                 .arg(&run.controlplane_grpc)
-                .arg("--ca-file")
-                .arg(&ca)
-                .arg("--cert-file")
-                .arg(&cert)
-                .arg("--key-file")
-                .arg(&key)
-                .args(["--log-level", &log_level])
                 .args(["--drain-timeout", &drain.to_string()]);
             Ok(c)
         }
