@@ -198,6 +198,10 @@ impl Drop for Running {
     }
 }
 
+/// Backoff of the retries of import listeners that could not be bound.
+const BIND_RETRY_FIRST: Duration = Duration::from_millis(500);
+const BIND_RETRY_MAX: Duration = Duration::from_secs(10);
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
@@ -326,6 +330,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         let mut changes = store.subscribe();
         let mut drain_rx = drain_rx.clone();
         tokio::spawn(async move {
+            // A listener that could not be bound (its port held by another process)
+            // is tried again after a backoff, not only at the next snapshot, which
+            // may never come.
+            let mut retry = BIND_RETRY_FIRST;
             loop {
                 if *changes.borrow_and_update() == 0 {
                     tokio::select! {
@@ -339,9 +347,18 @@ pub async fn start(config: Config) -> Result<Running, Error> {
                     return;
                 }
                 state.ready.store(bound, Ordering::Relaxed);
+                let wait = if bound {
+                    retry = BIND_RETRY_FIRST;
+                    None
+                } else {
+                    let w = retry;
+                    retry = (retry * 2).min(BIND_RETRY_MAX);
+                    Some(w)
+                };
                 tokio::select! {
                     c = changes.changed() => if c.is_err() { return },
                     _ = stopped(&mut drain_rx) => return,
+                    _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
                 }
             }
         });

@@ -366,3 +366,29 @@ async fn admin_accept_backs_off_when_out_of_descriptors() -> Result<()> {
     );
     Ok(())
 }
+
+/// An import whose port another process holds is bound as soon as the port is free,
+/// without waiting for another snapshot (which may never come); /ready says 503
+/// meanwhile. Before, the listener was tried again only at the next snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_port_held_elsewhere_is_bound_once_free() -> Result<()> {
+    let pair = Pair::start(Options::default()).await?;
+    let holder = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = holder.local_addr()?.port();
+    pair.cp_a
+        .update_snapshot(|s| s.imports[0].port = u32::from(port));
+    let admin = pair.a().admin_addr;
+    eventually("/ready 503 while the port is held", T, || async move {
+        (http_get(admin, "/ready").await.ok()?.0 == 503).then_some(())
+    })
+    .await?;
+    drop(holder);
+    let import = SocketAddr::from(([127, 0, 0, 1], port));
+    eventually("the import on the freed port", T, || async move {
+        let got = echo_round_trip(import, b"bound at last").await.ok()?;
+        (got == b"bound at last").then_some(())
+    })
+    .await?;
+    ensure!(http_get(admin, "/ready").await?.0 == 200, "not ready again");
+    Ok(())
+}
