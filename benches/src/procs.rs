@@ -136,17 +136,7 @@ pub fn tree(pid: u32) -> Vec<u32> {
     out
 }
 
-/// User plus system CPU time of a process (all its threads), in seconds.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may contain spaces: fields follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, in USER_HZ (100 on Linux).
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
-}
+pub use tests::procs::cpu_seconds;
 
 /// VmRSS of a process, in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {

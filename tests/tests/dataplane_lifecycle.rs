@@ -299,18 +299,6 @@ fn drain_timeouts_that_cannot_be_durations_are_refused() -> Result<()> {
     Ok(())
 }
 
-/// CPU time (user + system, in clock ticks) the process has used so far.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').context("/proc stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let user: u64 = f.get(11).context("utime")?.parse()?;
-    let system: u64 = f.get(12).context("stime")?.parse()?;
-    Ok(user + system)
-}
-
 /// Out of descriptors, the admin port backs off instead of spinning: with the data
 /// plane's descriptor limit filled by idle admin connections, the connections waiting
 /// in the backlog make every accept fail at once (EMFILE); the process must stay
@@ -341,13 +329,11 @@ async fn admin_accept_backs_off_when_out_of_descriptors() -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = p.pid();
-    let before = cpu_ticks(pid)?;
+    let cpu = || tests::procs::cpu_seconds(pid).context("/proc stat");
+    let before = cpu()?;
     let t = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let used = cpu_ticks(pid)? - before;
-    let elapsed = t.elapsed().as_secs_f64();
-    // Clock ticks are 1/100 s on Linux: a spinning loop uses about 100 per second.
-    let share = used as f64 / 100.0 / elapsed;
+    let share = (cpu()? - before) / t.elapsed().as_secs_f64();
     let opened = held.len();
     drop(held);
     ensure!(p.ended().is_none(), "the data plane exited");
