@@ -18,6 +18,7 @@ use fabric::sync::stopped;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admission::{self, Admission};
 use crate::cpclient::ControlPlane;
 use crate::drain::Tracker;
 use crate::metrics::Metrics;
@@ -102,6 +103,21 @@ pub struct Config {
     /// request head, and then a peer request's whole body, on the gateway port.
     #[arg(long, env = "CL_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
+    /// Connections one peer may hold on the gateway port at once (HTTP/1.1 CONNECT
+    /// takes one per tunnel).
+    #[arg(long, env = "CL_MAX_CONNECTIONS_PER_PEER", default_value_t = 16_384)]
+    pub max_connections_per_peer: usize,
+    /// Tunnels (streams) one peer may have open through the gateway port at once.
+    #[arg(long, env = "CL_MAX_STREAMS_PER_PEER", default_value_t = 65_536)]
+    pub max_streams_per_peer: usize,
+    /// Peer requests (/healthz, /authz) per second one peer may send; bursts of twice
+    /// as many are taken. Beyond: 429.
+    #[arg(long, env = "CL_PEER_REQUESTS_PER_SEC", default_value_t = 1000)]
+    pub peer_requests_per_sec: u32,
+    /// Seconds a gateway connection (mux or h2) with no stream stays open before the
+    /// gateway sends GOAWAY and closes it; 0: never.
+    #[arg(long, env = "CL_IDLE_TIMEOUT", default_value_t = 300.0, value_parser = fabric::clock::parse_flag_secs)]
+    pub idle_timeout: f64,
     /// How often certificate files are checked for changes, in milliseconds.
     #[arg(long, env = "CL_CERT_RELOAD_MS", default_value_t = 1000)]
     pub cert_reload_ms: u64,
@@ -288,6 +304,13 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         workers: workers.clone(),
         handshake_timeout: Duration::from_millis(config.handshake_timeout_ms.max(1)),
         connect_timeout,
+        admission: Admission::new(admission::Limits {
+            connections: config.max_connections_per_peer.max(1),
+            streams: config.max_streams_per_peer.max(1),
+            requests_per_sec: config.peer_requests_per_sec.max(1),
+        }),
+        idle_timeout: (config.idle_timeout > 0.0)
+            .then(|| Duration::from_secs_f64(config.idle_timeout)),
     });
     let outbound = Arc::new(outbound::Context {
         store: store.clone(),

@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::{idle, Activity, Admission, Refusal};
 use crate::copy::{self, Counters};
 use crate::cpclient::ControlPlane;
 use crate::drain::Tracker;
@@ -51,6 +52,26 @@ pub struct Context {
     pub handshake_timeout: Duration,
     /// For connecting to an export's target.
     pub connect_timeout: Duration,
+    /// Who may use the gateway port, and how much.
+    pub admission: Arc<Admission>,
+    /// A mux or h2 connection with no stream this long is closed (GOAWAY first).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Whether `identity` matches a Peer of the snapshot in force.
+fn known(ctx: &Context, identity: &str) -> bool {
+    ctx.store.load().peers.contains_key(identity)
+}
+
+/// Counts a refusal by admission, and logs it (at debug: a stranger must not be able
+/// to flood the log).
+fn refused(ctx: &Context, identity: &str, r: Refusal) {
+    ctx.metrics.rejected.with_label_values(&[r.metric()]).inc();
+    tracing::debug!(
+        peer = identity,
+        reason = r.metric(),
+        "gateway admission refused"
+    );
 }
 
 /// Accepts gateway connections on worker `index` until `stop` turns true. A
@@ -139,6 +160,15 @@ async fn connection(
     };
     let identity: Arc<str> = identity.into();
     let alpn = tls.get_ref().1.alpn_protocol();
+    // Tunnels are for identities that match a Peer; the mux carries nothing else.
+    let is_known = known(&ctx, &identity);
+    if !is_known && alpn == Some(ALPN_MUX) {
+        return refused(&ctx, &identity, Refusal::UnknownPeer);
+    }
+    let _permit = match ctx.admission.connection(&identity, is_known) {
+        Ok(p) => p,
+        Err(r) => return refused(&ctx, &identity, r),
+    };
     if alpn == Some(ALPN_MUX) || alpn == Some(ALPN_H2) {
         sockopt::set_user_timeout(tls.get_ref().0);
     }
@@ -171,6 +201,7 @@ async fn serve_h2(
         }
     };
     let mut draining = false;
+    let activity = Arc::new(Activity::default());
     loop {
         let next = tokio::select! {
             n = conn.accept() => n,
@@ -179,12 +210,22 @@ async fn serve_h2(
                 conn.graceful_shutdown();
                 continue;
             }
+            _ = idle(&activity, ctx.idle_timeout), if !draining && ctx.idle_timeout.is_some() => {
+                draining = true;
+                ctx.metrics.idle_closed.with_label_values(&["h2"]).inc();
+                conn.graceful_shutdown();
+                continue;
+            }
         };
         match next {
             Some(Ok((req, respond))) => {
                 let ctx = ctx.clone();
                 let identity = identity.clone();
-                tokio::spawn(async move { h2_stream(req, respond, identity, ctx).await });
+                let active = activity.enter();
+                tokio::spawn(async move {
+                    h2_stream(req, respond, identity, ctx).await;
+                    drop(active);
+                });
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "h2 gateway connection error");
@@ -212,19 +253,30 @@ async fn serve_mux(
             tokio::spawn(mux_stream(incoming, identity, ctx));
         }
     };
-    if let Err(e) = mux::serve(tls, on_open, stop).await {
-        tracing::debug!(error = %e, "mux gateway connection error");
-        if matches!(e, mux::Error::Protocol(_)) {
-            ctx.metrics
-                .rejected
-                .with_label_values(&["mux_protocol"])
-                .inc();
+    match mux::serve(tls, on_open, stop, ctx.idle_timeout).await {
+        Ok(mux::Ending::Idle) => ctx.metrics.idle_closed.with_label_values(&["mux"]).inc(),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "mux gateway connection error");
+            if matches!(e, mux::Error::Protocol(_)) {
+                ctx.metrics
+                    .rejected
+                    .with_label_values(&["mux_protocol"])
+                    .inc();
+            }
         }
     }
 }
 
 async fn mux_stream(incoming: mux::Incoming, identity: Arc<str>, ctx: Arc<Context>) {
     let start = Instant::now();
+    let _permit = match ctx.admission.stream(&identity, known(&ctx, &identity)) {
+        Ok(p) => p,
+        Err(r) => {
+            refused(&ctx, &identity, r);
+            return incoming.refuse(r.status().as_u16(), r.public()).await;
+        }
+    };
     let auth = incoming.authorization().map(str::to_owned);
     match authorize_and_dial(auth.as_deref(), &identity, &ctx).await {
         Ok((target, service)) => {
@@ -274,8 +326,20 @@ async fn h2_stream(
     ctx: Arc<Context>,
 ) {
     let (parts, mut body) = req.into_parts();
+    let is_known = known(&ctx, &identity);
     if parts.method == Method::CONNECT {
         let start = Instant::now();
+        let _permit = match ctx.admission.stream(&identity, is_known) {
+            Ok(p) => p,
+            Err(r) => {
+                refused(&ctx, &identity, r);
+                return h2_reply(
+                    &mut respond,
+                    r.status(),
+                    Bytes::from_static(r.public().as_bytes()),
+                );
+            }
+        };
         match authorize_and_dial(auth_header(&parts.headers), &identity, &ctx).await {
             Ok((target, service)) => {
                 let Ok(resp) = response(StatusCode::OK).body(()) else {
@@ -295,7 +359,19 @@ async fn h2_stream(
         }
         return;
     }
-    // A peer request: read the body, bounded.
+    // A peer request: admitted, then its body read, bounded.
+    if let Err(r) = ctx.admission.request(
+        &identity,
+        is_known,
+        is_healthz(&parts.method, parts.uri.path()),
+    ) {
+        refused(&ctx, &identity, r);
+        return h2_reply(
+            &mut respond,
+            r.status(),
+            Bytes::from_static(r.public().as_bytes()),
+        );
+    }
     let data = match read_body(&parts.headers, &mut body, &ctx).await {
         Ok(data) => data,
         Err(e) => {
@@ -489,6 +565,20 @@ async fn serve_h1(
 
 type H1Response = Response<Full<Bytes>>;
 
+/// `resp`, ending its connection.
+fn closing(mut resp: H1Response) -> H1Response {
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+/// The one peer request an unknown identity may send.
+fn is_healthz(method: &Method, path: &str) -> bool {
+    method == Method::GET && path == "/healthz"
+}
+
 fn h1_reply(status: StatusCode, body: impl Into<Bytes>) -> H1Response {
     response(status)
         .body(Full::new(body.into()))
@@ -500,8 +590,16 @@ async fn h1_request(
     identity: Arc<str>,
     ctx: Arc<Context>,
 ) -> Result<H1Response, Infallible> {
+    let is_known = known(&ctx, &identity);
     if req.method() == Method::CONNECT {
         let start = Instant::now();
+        let permit = match ctx.admission.stream(&identity, is_known) {
+            Ok(p) => p,
+            Err(r) => {
+                refused(&ctx, &identity, r);
+                return Ok(closing(h1_reply(r.status(), r.public())));
+            }
+        };
         return Ok(
             match authorize_and_dial(auth_header(req.headers()), &identity, &ctx).await {
                 Ok((target, service)) => {
@@ -509,6 +607,7 @@ async fn h1_request(
                     let track = ctx.tracker.track();
                     tokio::spawn(async move {
                         let _track = track;
+                        let _permit = permit;
                         match hyper::upgrade::on(req).await {
                             Ok(upgraded) => {
                                 relay_inbound(&ctx, &service, start, |counters| async move {
@@ -526,17 +625,21 @@ async fn h1_request(
         );
     }
     let (parts, mut body) = req.into_parts();
+    if let Err(r) = ctx.admission.request(
+        &identity,
+        is_known,
+        is_healthz(&parts.method, parts.uri.path()),
+    ) {
+        // Its body (if any) is not read: the connection cannot carry another request.
+        refused(&ctx, &identity, r);
+        return Ok(closing(h1_reply(r.status(), r.public())));
+    }
     let data = match read_body(&parts.headers, &mut body, &ctx).await {
         Ok(data) => data,
         Err(e) => {
             // The rest of the body is not read: the connection cannot carry another
             // request.
-            let mut resp = h1_reply(e.status(), e.reason());
-            resp.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
-            return Ok(resp);
+            return Ok(closing(h1_reply(e.status(), e.reason())));
         }
     };
     let (status, headers, body) = peer_request(

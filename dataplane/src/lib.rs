@@ -4,7 +4,8 @@
 //! `fabric` and `controlplane-api` crates):
 //! - `metrics`, `sockopt`, `h2conf`, `workers`: counters, socket options, h2
 //!   settings, the worker threads;
-//! - `snapshot`: the validated configuration in force;
+//! - `snapshot`: the validated configuration in force; `admission`: who may use the
+//!   gateway port and how much;
 //! - `copy`: the relay loops and how a relay ends; `drain`: in-flight bookkeeping;
 //! - `mux`: our own stream multiplexer; `tunnel`: outbound tunnels and their pool;
 //! - `cpclient`: the control plane's gRPC API;
@@ -12,6 +13,7 @@
 //! - `admin`: the admin port; `app`: wires it all; `process`: the binary's edge.
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod copy;
 pub mod cpclient;

@@ -22,8 +22,11 @@ pub struct Metrics {
     pub denials: IntCounterVec,
     /// Connection setup latency (accept until the tunnel carries bytes), by direction.
     pub setup_seconds: HistogramVec,
-    /// Connections on the gateway port closed for bad input, by reason.
+    /// Connections, streams and requests on the gateway port refused, by reason (bad
+    /// input, unknown peer, over a limit).
     pub rejected: IntCounterVec,
+    /// Gateway connections closed after their idle timeout, by protocol (mux, h2).
+    pub idle_closed: IntCounterVec,
     /// 1 while the configuration stream to the control plane is up.
     pub cp_connected: IntGauge,
     pub cp_reconnects: IntCounter,
@@ -117,8 +120,14 @@ impl Metrics {
             rejected: counter_vec(
                 &r,
                 "clusterlink_gateway_rejected_total",
-                "Gateway connections or requests refused for bad input",
+                "Gateway connections, streams or requests refused: bad input, unknown peer, over a limit",
                 &["reason"],
+            ),
+            idle_closed: counter_vec(
+                &r,
+                "clusterlink_gateway_idle_closed_total",
+                "Gateway connections closed (GOAWAY) after their idle timeout with no stream",
+                &["protocol"],
             ),
             cp_connected: reg(
                 &r,

@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 /// Bottom to top. Keep in step with the header of `src/lib.rs`.
 const LAYERS: &[&[&str]] = &[
     &["metrics", "sockopt", "h2conf", "workers"],
-    &["snapshot"],
+    &["snapshot", "admission"],
     &["copy"],
     &["drain"],
     &["mux"],

@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             });
         };
-        let server = tokio::spawn(dataplane::mux::serve(server, on_open, stop));
+        let server = tokio::spawn(dataplane::mux::serve(server, on_open, stop, None));
         let input = data.to_vec();
         let feed = async move {
             let _ = client.write_all(&input).await;

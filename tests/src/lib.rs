@@ -486,6 +486,10 @@ pub fn gateway_config(files: &PeerFiles, cp: impl std::fmt::Display) -> dataplan
         drain_timeout: 5.0,
         connect_timeout_ms: 1000,
         handshake_timeout_ms: 2000,
+        max_connections_per_peer: 16_384,
+        max_streams_per_peer: 65_536,
+        peer_requests_per_sec: 1000,
+        idle_timeout: 300.0,
         cert_reload_ms: 100,
         force_http1: false,
         no_mux: false,
@@ -496,10 +500,16 @@ pub fn gateway_config(files: &PeerFiles, cp: impl std::fmt::Display) -> dataplan
     }
 }
 
-/// B's snapshot: exports `default/echo` -> `target`, with the token key.
+/// B's snapshot: exports `default/echo` -> `target`, with the token key, and knows
+/// peer A (a Peer with no gateway: B never dials it).
 pub fn exporter_snapshot(target: SocketAddr) -> v1::Snapshot {
     v1::Snapshot {
         version: 1,
+        peers: vec![v1::Peer {
+            name: PEER_A.into(),
+            gateways: vec![],
+            protocol: 0,
+        }],
         exports: vec![v1::Export {
             namespace: NS.into(),
             name: SERVICE.into(),
@@ -572,6 +582,8 @@ pub struct Options {
     pub cert_name_b: Option<String>,
     /// Drain timeout of both gateways, in seconds (default 5).
     pub drain_timeout: Option<f64>,
+    /// Changes to B's configuration.
+    pub config_b: Option<fn(&mut dataplane::Config)>,
 }
 
 /// Two gateways, each with its own fake control plane, and an echo target behind B:
@@ -606,6 +618,9 @@ impl Pair {
         let cp_b = FakeControlPlane::start(exporter_snapshot(target))?;
         let mut cfg_b = gateway_config(&files_b, cp_b.addr);
         cfg_b.drain_timeout = opts.drain_timeout.unwrap_or(5.0);
+        if let Some(f) = opts.config_b {
+            f(&mut cfg_b);
+        }
         let b = dataplane::start(cfg_b).await?;
         let cp_a = FakeControlPlane::start(importer_snapshot(b.gateway_addr))?;
         cp_a.set_egress(allow_to_b());

@@ -398,3 +398,219 @@ async fn refusals_tell_the_remote_no_internal_detail() -> Result<()> {
     }
     Ok(())
 }
+
+/// Admission on the gateway port. A valid fabric certificate that matches no Peer
+/// (a stranger) gets `GET /healthz` only, from a rate-limited pool; no tunnel, no
+/// `/authz`, no mux connection. A known peer is bounded in connections, concurrent
+/// streams and peer requests per second, and reaching its bounds does not affect
+/// another peer. Connections with no stream are closed after the idle timeout (GOAWAY
+/// first), and the importing side's pool recovers from that. Before, a stranger could
+/// tunnel with any token it held, hold idle connections and send requests without
+/// bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_bounds_each_peer_and_strangers_get_healthz_only() -> Result<()> {
+    const PEER_C: &str = "peer-c";
+    let pair = Pair::start(Options {
+        config_b: Some(|c| {
+            c.max_connections_per_peer = 3;
+            c.max_streams_per_peer = 4;
+            c.peer_requests_per_sec = 5;
+            c.idle_timeout = 1.0;
+        }),
+        ..Default::default()
+    })
+    .await?;
+    pair.cp_b.update_snapshot(|s| {
+        s.version += 1;
+        s.peers.push(controlplane_api::v1::Peer {
+            name: PEER_C.into(),
+            gateways: vec![],
+            protocol: 0,
+        });
+    });
+    let gw = pair.b().gateway_addr;
+    let ca = pair.fabric.ca_pem.clone();
+    let (stranger, cert_c, cert_a) = (
+        pair.fabric.issue("peer-x")?,
+        pair.fabric.issue(PEER_C)?,
+        pair.fabric.issue(PEER_A)?,
+    );
+    let healthz = format!("GET /healthz HTTP/1.1\r\nHost: {PEER_B}\r\n\r\n");
+    let authz = format!("POST /authz HTTP/1.1\r\nHost: {PEER_B}\r\nContent-Length: 2\r\n\r\n{{}}");
+    // B learns of peer C: its /authz reaches the (fake) control plane, which has no
+    // route for it (404), instead of being refused by admission (403).
+    eventually("B knows peer C", T, || {
+        let (ca, cert_c, authz) = (ca.clone(), cert_c.clone(), authz.clone());
+        async move {
+            let mut s = tls_connect(gw, &ca, &cert_c, PEER_B, &[b"http/1.1"])
+                .await
+                .ok()?;
+            let (status, _) = h1_request(&mut s, &authz).await.ok()?;
+            (status == 404).then_some(())
+        }
+    })
+    .await?;
+
+    // The stranger: /healthz yes; /authz, CONNECT and mux no.
+    let mut s = tls_connect(gw, &ca, &stranger, PEER_B, &[b"http/1.1"]).await?;
+    let (status, _) = h1_request(&mut s, &healthz).await?;
+    ensure!(status == 200, "stranger's /healthz: {status}");
+    for (what, head) in [
+        ("/authz", authz.clone()),
+        ("CONNECT", connect_head(Some(&token_for("peer-x", 60, 1)))),
+    ] {
+        let mut s = tls_connect(gw, &ca, &stranger, PEER_B, &[b"http/1.1"]).await?;
+        let (status, body) = h1_request(&mut s, &head).await?;
+        ensure!(status == 403, "stranger's {what}: {status} {body:?}");
+    }
+    let mut m = tls_connect(gw, &ca, &stranger, PEER_B, &[fabric::wire::ALPN_MUX]).await?;
+    ensure!(
+        closed_by_peer(&mut m, Duration::from_secs(5)).await,
+        "a stranger's mux connection was kept"
+    );
+    // Its /healthz are rate-limited (all strangers together).
+    let mut limited = false;
+    for _ in 0..40 {
+        let (status, _) = h1_request(&mut s, &healthz).await?;
+        if status == 429 {
+            limited = true;
+            break;
+        }
+        ensure!(status == 200, "stranger's /healthz: {status}");
+    }
+    ensure!(limited, "40 /healthz from a stranger at once, none refused");
+
+    // Peer C at its bounds: connections, streams, requests.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tls_connect(gw, &ca, &cert_c, PEER_B, &[b"h2"]).await?);
+    }
+    let mut fourth = tls_connect(gw, &ca, &cert_c, PEER_B, &[b"h2"]).await?;
+    ensure!(
+        closed_by_peer(&mut fourth, Duration::from_secs(5)).await,
+        "a fourth connection from peer C was kept"
+    );
+    let (h2c, conn) = h2::client::handshake(held.remove(0)).await?;
+    tokio::spawn(conn);
+    let connect = || {
+        http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("{PEER_B}:443"))
+            .header(
+                "authorization",
+                format!("Bearer {}", token_for(PEER_C, 60, 1)),
+            )
+            .body(())
+    };
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        let (resp, send) = h2c.clone().ready().await?.send_request(connect()?, false)?;
+        let resp = tokio::time::timeout(T, resp).await??;
+        let want = if i < 4 { 200 } else { 503 };
+        ensure!(
+            resp.status() == want,
+            "peer C's stream {i}: {}",
+            resp.status()
+        );
+        if i < 4 {
+            streams.push((resp.into_body(), send));
+        }
+    }
+    let get = || {
+        http::Request::builder()
+            .uri(format!("https://{PEER_B}/healthz"))
+            .body(())
+    };
+    let mut limited = false;
+    for _ in 0..30 {
+        let (resp, _) = h2c.clone().ready().await?.send_request(get()?, true)?;
+        match tokio::time::timeout(T, resp).await??.status().as_u16() {
+            429 => {
+                limited = true;
+                break;
+            }
+            200 => {}
+            other => anyhow::bail!("peer C's /healthz: {other}"),
+        }
+    }
+    ensure!(limited, "30 /healthz from peer C at once, none refused");
+
+    // Meanwhile peer A is served: its tunnels and its requests.
+    let back = echo_round_trip(pair.import, b"from A while C is at its bounds").await?;
+    ensure!(back == b"from A while C is at its bounds");
+    let mut s = tls_connect(gw, &ca, &cert_a, PEER_B, &[b"http/1.1"]).await?;
+    let (status, _) = h1_request(&mut s, &healthz).await?;
+    ensure!(
+        status == 200,
+        "peer A's /healthz while C is limited: {status}"
+    );
+
+    // Idle: a mux and an h2 connection with no stream are closed after about 1 s;
+    // peer C's h2 connection with streams open is not.
+    let idle_h2 = tls_connect(gw, &ca, &cert_a, PEER_B, &[b"h2"]).await?;
+    let (_idle_h2c, idle_conn) = h2::client::handshake(idle_h2).await?;
+    let idle_conn = tokio::spawn(idle_conn);
+    let mux_tls = tls_connect(gw, &ca, &cert_a, PEER_B, &[fabric::wire::ALPN_MUX]).await?;
+    let (mux, driver) = dataplane::mux::Client::new(mux_tls);
+    let driver = tokio::spawn(driver);
+    let t = std::time::Instant::now();
+    let _ = tokio::time::timeout(T, idle_conn)
+        .await
+        .map_err(|_| anyhow::anyhow!("an idle h2 connection was kept"))?;
+    // The driver ends with the connection (an error or not: it was closed under it).
+    let _ = tokio::time::timeout(T, driver)
+        .await
+        .map_err(|_| anyhow::anyhow!("an idle mux connection was kept"))??;
+    ensure!(mux.is_dead(), "mux client not told to go away");
+    ensure!(
+        t.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}",
+        t.elapsed()
+    );
+    // Peer C's connection, quiet all that time but with streams open, still carries.
+    let (recv, send) = &mut streams[0];
+    send.send_data(bytes::Bytes::from_static(b"still here"), false)?;
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        match tokio::time::timeout(T, recv.data()).await? {
+            Some(chunk) => got.extend_from_slice(&chunk?),
+            None => anyhow::bail!("peer C's stream ended"),
+        }
+    }
+    ensure!(got == b"still here", "{got:?}");
+    // A's own pooled connection went idle too; A's next connection gets a new one.
+    let back = echo_round_trip(pair.import, b"after the idle close").await?;
+    ensure!(back == b"after the idle close");
+
+    let m = metrics_of(pair.b()).await?;
+    for reason in [
+        "unknown_peer",
+        "connection_limit",
+        "stream_limit",
+        "rate_limited",
+    ] {
+        let n = metric(
+            &m,
+            "clusterlink_gateway_rejected_total",
+            &[&format!("reason=\"{reason}\"")],
+        );
+        ensure!(n >= 1.0, "rejected {reason}: {n}\n{m}");
+    }
+    // Counted once the gateway's side of each connection has finished closing.
+    let b = pair.b();
+    eventually("idle closes counted", T, || async move {
+        let m = metrics_of(b).await.ok()?;
+        ["mux", "h2"]
+            .iter()
+            .all(|p| {
+                metric(
+                    &m,
+                    "clusterlink_gateway_idle_closed_total",
+                    &[&format!("protocol=\"{p}\"")],
+                ) >= 1.0
+            })
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}

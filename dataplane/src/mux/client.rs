@@ -55,7 +55,8 @@ impl Client {
     {
         let (rd, wr) = tokio::io::split(io);
         let conn = Conn::new(Box::new(wr), false);
-        let driver = drive(conn.clone(), rd, None, None);
+        let conn_ = conn.clone();
+        let driver = async move { drive(conn_, rd, None, None, None).await.map(|_| ()) };
         let conn = Arc::new(Handle(conn));
         (Client { conn }, driver)
     }

@@ -28,34 +28,76 @@ pub(super) fn header(kind: u8, len: usize, id: u32) -> [u8; HEADER] {
     [kind, l[1], l[2], l[3], i[0], i[1], i[2], i[3]]
 }
 
-/// The reader's buffer, allocated and zeroed once per connection and reused: a DATA
-/// frame is written to its stream's socket straight from here. Each read is bounded
-/// to finish the current frame and take at most the next header, so that what is
-/// left after the complete frames is at most a header (moved to the front), never
-/// part of a payload. (A fresh buffer per read would cost a `memset`: tokio-rustls
-/// zeroes the part of a read buffer it does not know to be initialised.)
+/// The reader's buffer: small while the connection carries only control frames, and
+/// the size of the largest frame (allocated and zeroed once, then reused) from its
+/// first large frame until it has no stream left, so that an idle connection holds
+/// about 1 KiB instead of 68. A DATA frame is written to its stream's socket straight
+/// from here. Each read is bounded to finish the current frame and take at most the
+/// next header, so that what is left after the complete frames is at most a header
+/// (moved to the front), never part of a payload. (A fresh buffer per read would cost
+/// a `memset`: tokio-rustls zeroes the part of a read buffer it does not know to be
+/// initialised.)
 pub(super) struct FrameBuf {
     buf: Vec<u8>,
-    /// Where the window starts (`copy::DATA_PHASE` modulo 4096).
+    /// Where the window starts (`copy::DATA_PHASE` modulo 4096, in the large buffer).
     start: usize,
+    len: usize,
     pub(super) filled: usize,
 }
 
 const FRAME_BUF: usize = HEADER + MAX_DATA + HEADER;
+/// The small buffer: control frames (CREDIT, RST, FIN, GOAWAY, a REPLY or an OPEN with
+/// a usual token) and short DATA fit.
+pub(super) const SMALL_BUF: usize = 1024;
 
 impl FrameBuf {
     pub(super) fn new() -> FrameBuf {
-        let buf = vec![0u8; FRAME_BUF + copy::PAGE];
-        let start = copy::phase_offset(buf.as_ptr());
         FrameBuf {
-            buf,
-            start,
+            buf: vec![0u8; SMALL_BUF],
+            start: 0,
+            len: SMALL_BUF,
             filled: 0,
         }
     }
 
     pub(super) fn window(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + FRAME_BUF]
+        &mut self.buf[self.start..self.start + self.len]
+    }
+
+    /// Makes the window at least `need` bytes long, keeping what it holds.
+    pub(super) fn reserve(&mut self, need: usize) {
+        if need <= self.len {
+            return;
+        }
+        let mut buf = vec![0u8; FRAME_BUF + copy::PAGE];
+        let start = copy::phase_offset(buf.as_ptr());
+        buf[start..start + self.filled]
+            .copy_from_slice(&self.buf[self.start..self.start + self.filled]);
+        *self = FrameBuf {
+            buf,
+            start,
+            len: FRAME_BUF,
+            filled: self.filled,
+        };
+    }
+
+    /// Back to the small buffer if the large one is not needed for what it holds.
+    pub(super) fn shrink(&mut self) {
+        if self.len == SMALL_BUF || self.filled > HEADER {
+            return;
+        }
+        let mut buf = vec![0u8; SMALL_BUF];
+        buf[..self.filled].copy_from_slice(&self.buf[self.start..self.start + self.filled]);
+        *self = FrameBuf {
+            buf,
+            start: 0,
+            len: SMALL_BUF,
+            filled: self.filled,
+        };
+    }
+
+    pub(super) fn is_large(&self) -> bool {
+        self.len > SMALL_BUF
     }
 }
 
@@ -121,5 +163,31 @@ impl Buf for Parts<'_> {
             k += 1;
         }
         k
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_grows_for_a_large_frame_and_shrinks_back() {
+        let mut fb = FrameBuf::new();
+        assert!(!fb.is_large());
+        fb.window()[..3].copy_from_slice(b"abc");
+        fb.filled = 3;
+        fb.reserve(SMALL_BUF);
+        assert!(!fb.is_large(), "grown for what fits");
+        fb.reserve(HEADER + MAX_DATA + HEADER);
+        assert!(fb.is_large());
+        assert_eq!(fb.window().len(), FRAME_BUF);
+        assert_eq!(&fb.window()[..3], b"abc", "kept what it held");
+        fb.shrink();
+        assert!(!fb.is_large());
+        assert_eq!(&fb.window()[..3], b"abc");
+        fb.reserve(FRAME_BUF);
+        fb.filled = HEADER + 1;
+        fb.shrink();
+        assert!(fb.is_large(), "shrunk while holding part of a frame");
     }
 }

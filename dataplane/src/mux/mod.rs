@@ -20,7 +20,7 @@
 //! | 3 FIN | both | none: the sender's direction ends |
 //! | 4 RST | both | none: the stream is aborted both ways |
 //! | 5 CREDIT | both | 4 bytes: the receiver wrote that many more bytes of the stream locally; on stream 0, of the connection (written, or dropped with their stream) |
-//! | 6 GOAWAY | server | 4 bytes: the last stream id it will process (stream id 0) |
+//! | 6 GOAWAY | server | 4 bytes: the last stream id it will process (stream id 0); sent on a drain, or after the connection's idle timeout with no stream |
 //!
 //! Flow control: a sender may have `STREAM_WINDOW` bytes of DATA per stream, and
 //! `CONN_WINDOW` bytes on the connection (all streams together), not yet returned by
@@ -45,6 +45,7 @@ mod stream;
 mod tests;
 
 pub use client::Client;
+pub use reader::Ending;
 pub use server::{serve, Incoming};
 pub use stream::{splice, Stream};
 

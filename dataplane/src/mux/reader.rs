@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 
 use super::conn::{Conn, OnOpen};
-use super::frame::{frame_len, FrameBuf, GOAWAY, HEADER};
+use super::frame::{frame_len, FrameBuf, GOAWAY, HEADER, SMALL_BUF};
 use super::{Error, MAX_DATA};
 use fabric::sync::lock;
 
@@ -18,15 +18,28 @@ use fabric::sync::lock;
 /// waits for the remote's close before it ends anyway.
 pub(super) const RETIRED_CLOSE_WAIT: Duration = Duration::from_secs(5);
 
+/// How a connection ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The remote closed it (or, for a client, it was retired).
+    Closed,
+    /// A server stopped (GOAWAY) and its last stream ended.
+    Drained,
+    /// A server's connection had no stream for its idle timeout (GOAWAY).
+    Idle,
+}
+
 /// Runs a connection: reads and dispatches frames, and sends the reader's control
-/// frames, until the connection ends. A server stops taking streams when `stop` turns
-/// true (GOAWAY) and ends once its last stream has.
+/// frames, until the connection ends. A server stops taking streams (GOAWAY) when
+/// `stop` turns true or when it has had no stream for `idle`, and ends once its last
+/// stream has.
 pub(super) async fn drive<R: AsyncRead + Unpin>(
     conn: Arc<Conn>,
     mut rd: R,
     on_open: OnOpen<'_>,
     stop: Option<watch::Receiver<bool>>,
-) -> Result<(), Error> {
+    idle: Option<Duration>,
+) -> Result<Ending, Error> {
     let ctrl_writer = {
         let conn = conn.clone();
         async move {
@@ -62,10 +75,16 @@ pub(super) async fn drive<R: AsyncRead + Unpin>(
     };
     let reader = async {
         let mut fb = FrameBuf::new();
-        let mut draining = false;
+        let mut draining = None;
         let mut stopped = std::pin::pin!(async move {
             match stop {
                 Some(mut s) => fabric::sync::stopped(&mut s).await,
+                None => std::future::pending().await,
+            }
+        });
+        let mut idle = std::pin::pin!(async {
+            match idle {
+                Some(d) => idle_for(&conn, d).await,
                 None => std::future::pending().await,
             }
         });
@@ -95,24 +114,38 @@ pub(super) async fn drive<R: AsyncRead + Unpin>(
                 HEADER - filled
             };
             fb.filled = filled;
+            if filled + want > SMALL_BUF {
+                fb.reserve(filled + want);
+            } else if fb.is_large() && lock(&conn.table).map.is_empty() {
+                fb.shrink();
+            }
+            let goaway = |why| {
+                let last = {
+                    let mut t = lock(&conn.table);
+                    t.goaway = true;
+                    t.next
+                };
+                conn.push_ctrl(GOAWAY, 0, &last.to_be_bytes());
+                Some(why)
+            };
             let n = tokio::select! {
                 n = rd.read(&mut fb.window()[filled..filled + want]) => n?,
-                _ = &mut stopped, if !draining => {
-                    draining = true;
-                    let last = {
-                        let mut t = lock(&conn.table);
-                        t.goaway = true;
-                        t.next
-                    };
-                    conn.push_ctrl(GOAWAY, 0, &last.to_be_bytes());
+                _ = &mut stopped, if draining.is_none() => {
+                    draining = goaway(Ending::Drained);
                     continue;
                 }
-                _ = all_left(&conn), if draining => return Ok(()),
+                _ = &mut idle, if draining.is_none() => {
+                    draining = goaway(Ending::Idle);
+                    continue;
+                }
+                _ = all_left(&conn), if draining.is_some() => {
+                    return Ok(draining.unwrap_or(Ending::Drained));
+                }
             };
             fb.filled += n;
             if n == 0 {
                 return if fb.filled == 0 {
-                    Ok(())
+                    Ok(Ending::Closed)
                 } else {
                     Err(Error::Protocol("connection ended inside a frame"))
                 };
@@ -137,6 +170,20 @@ pub(super) async fn drive<R: AsyncRead + Unpin>(
     // Let the remote see the end (close_notify) rather than only a dropped socket.
     conn.finish(false, true).await;
     result
+}
+
+/// Returns once the connection has had no stream for `timeout` (checked at the end of
+/// each period: idle at most twice as long).
+async fn idle_for(conn: &Conn, timeout: Duration) {
+    loop {
+        all_left(conn).await;
+        let opened = lock(&conn.table).next;
+        tokio::time::sleep(timeout).await;
+        let t = lock(&conn.table);
+        if t.map.is_empty() && t.next == opened {
+            return;
+        }
+    }
 }
 
 /// Returns once the connection has no streams.

@@ -1,30 +1,34 @@
 //! The server side: `serve` runs a connection and hands each OPEN over as an
 //! `Incoming` to answer. It never decides whether a stream is allowed: `on_open` does.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::conn::Conn;
 use super::frame::{header, MAX_REPLY, REPLY};
-use super::reader::drive;
+use super::reader::{drive, Ending};
 use super::stream::Stream;
 use super::Error;
 
 /// Serves a connection that negotiated `clusterlink-mux/1` until it ends: each OPEN is
-/// handed to `on_open` (which should spawn a task to answer it). When `stop` turns true
-/// the server sends GOAWAY and ends once its streams have.
+/// handed to `on_open` (which should spawn a task to answer it). When `stop` turns true,
+/// or the connection has had no stream for `idle`, the server sends GOAWAY and ends
+/// once its streams have.
 pub async fn serve<T>(
     io: T,
     on_open: impl Fn(Incoming) + Send + Sync,
     stop: watch::Receiver<bool>,
-) -> Result<(), Error>
+    idle: Option<Duration>,
+) -> Result<Ending, Error>
 where
     T: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(io);
     let conn = Conn::new(Box::new(wr), true);
-    drive(conn, rd, Some(&on_open), Some(stop)).await
+    drive(conn, rd, Some(&on_open), Some(stop), idle).await
 }
 
 /// An opened stream waiting for the server's answer; dropped unanswered, it is reset

@@ -30,7 +30,16 @@ const T: Duration = Duration::from_secs(10);
 async fn mux_pair(
     target: std::net::SocketAddr,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<(Client, JoinHandle<Result<(), Error>>)> {
+) -> anyhow::Result<(Client, JoinHandle<Result<Ending, Error>>)> {
+    mux_pair_idle(target, stop, None).await
+}
+
+/// `mux_pair` with the server's idle timeout.
+async fn mux_pair_idle(
+    target: std::net::SocketAddr,
+    stop: watch::Receiver<bool>,
+    idle: Option<Duration>,
+) -> anyhow::Result<(Client, JoinHandle<Result<Ending, Error>>)> {
     let (c, s) = tcp_pair().await?;
     let on_open = move |incoming: Incoming| {
         tokio::spawn(async move {
@@ -45,7 +54,7 @@ async fn mux_pair(
             }
         });
     };
-    let server = tokio::spawn(serve(s, on_open, stop));
+    let server = tokio::spawn(serve(s, on_open, stop, idle));
     let (client, driver) = Client::new(c);
     tokio::spawn(driver);
     Ok((client, server))
@@ -261,7 +270,7 @@ async fn opens_beyond_the_stream_limit_are_refused_unprocessed() -> anyhow::Resu
     let (_stop_tx, stop) = watch::channel(false);
     let held = Arc::new(Mutex::new(Vec::new()));
     let keep = held.clone();
-    tokio::spawn(serve(s, move |i| lock(&keep).push(i), stop));
+    tokio::spawn(serve(s, move |i| lock(&keep).push(i), stop, None));
     let mut opens = Vec::new();
     for k in 0..=MAX_STREAMS as u32 {
         opens.extend_from_slice(&header(OPEN, 9, 2 * k + 1));
@@ -508,7 +517,7 @@ async fn protocol_errors_close_the_connection() -> anyhow::Result<()> {
         // Streams are held unanswered, so that their data stays queued.
         let held = Arc::new(Mutex::new(Vec::new()));
         let keep = held.clone();
-        let server = tokio::spawn(serve(s, move |i| lock(&keep).push(i), stop));
+        let server = tokio::spawn(serve(s, move |i| lock(&keep).push(i), stop, None));
         c.write_all(&bytes).await?;
         match timeout(T, server).await.context(want)?? {
             Err(Error::Protocol(got)) => ensure!(got == want, "{want}: got {got}"),
@@ -521,5 +530,42 @@ async fn protocol_errors_close_the_connection() -> anyhow::Result<()> {
             "{want}: the connection stayed open"
         );
     }
+    Ok(())
+}
+
+/// A server connection with no stream for its idle timeout sends GOAWAY and ends; one
+/// with a stream open stays, however long the stream is quiet, and its idle time
+/// starts when the last stream ends.
+#[tokio::test]
+async fn an_idle_connection_is_closed_with_goaway_a_busy_one_is_not() -> anyhow::Result<()> {
+    let target = echo().await?;
+    let (_stop_tx, stop) = watch::channel(false);
+    let idle = Duration::from_millis(300);
+    let (client, server) = mux_pair_idle(target, stop, Some(idle)).await?;
+    let mut stream = open_local(&client, "ok").await?;
+    // Quiet but open for several idle periods: the connection stays.
+    tokio::time::sleep(idle * 4).await;
+    ensure!(!server.is_finished(), "closed with a stream open");
+    ensure!(
+        !client.is_dead(),
+        "client told to go away with a stream open"
+    );
+    stream.write_all(b"ping").await?;
+    let mut got = [0u8; 4];
+    timeout(T, stream.read_exact(&mut got)).await??;
+    ensure!(&got == b"ping");
+    stream.shutdown().await?;
+    let mut rest = Vec::new();
+    timeout(T, stream.read_to_end(&mut rest)).await??;
+    drop(stream);
+    let ended = timeout(T, server).await???;
+    ensure!(ended == Ending::Idle, "ended {ended:?}");
+    timeout(T, async {
+        while !client.is_dead() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .context("client not told (GOAWAY)")?;
     Ok(())
 }
