@@ -36,6 +36,10 @@ pub const TOKEN_TTL_SECS: u64 = 60;
 const TOKEN_MARGIN_SECS: u64 = 5;
 /// Assumed lifetime of a token from a peer that does not say (ClusterLink: 5 s).
 const DEFAULT_REMOTE_TTL_SECS: u64 = 5;
+/// How long a peer that just failed (a data plane could not open a tunnel to it, or
+/// its `/authz` could not be reached) is put last, as if heartbeats had found it
+/// unreachable: about as long as heartbeats take to confirm it.
+pub const SUSPECT_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Body of `POST /authz` (Go field names, no JSON tags, as ClusterLink sends it).
 #[derive(Debug, Serialize, Deserialize)]
@@ -64,6 +68,8 @@ pub struct Authz {
     counters: lb::Counters,
     cache: Mutex<HashMap<String, Cached>>,
     cache_epoch: Mutex<u64>,
+    /// Peers that just failed, until when they are put last.
+    suspects: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 fn deny(reason: impl Into<String>) -> v1::EgressResponse {
@@ -95,7 +101,22 @@ impl Authz {
             counters: lb::Counters::new(),
             cache: Mutex::new(HashMap::new()),
             cache_epoch: Mutex::new(0),
+            suspects: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Puts `peer` last for `SUSPECT_FOR`.
+    fn suspect(&self, peer: &str) {
+        let now = std::time::Instant::now();
+        let mut s = lock(&self.suspects);
+        s.retain(|_, until| *until > now);
+        s.insert(peer.to_owned(), now + SUSPECT_FOR);
+    }
+
+    fn is_suspect(&self, peer: &str) -> bool {
+        lock(&self.suspects)
+            .get(peer)
+            .is_some_and(|until| *until > std::time::Instant::now())
     }
 
     /// Local source attributes: this peer's name and labels, and on Kubernetes those
@@ -128,6 +149,10 @@ impl Authz {
         self.cache_guard();
         if !req.rejected_token.is_empty() {
             lock(&self.cache).retain(|_, c| c.token != req.rejected_token);
+        }
+        if !req.failed_peer.is_empty() {
+            tracing::info!(peer = %req.failed_peer, "the data plane could not open a tunnel to this peer; putting it last");
+            self.suspect(&req.failed_peer);
         }
         let key = Key {
             kind: Kind::Import,
@@ -209,7 +234,8 @@ impl Authz {
                 continue;
             };
             let health = self.core.health(&source.peer);
-            if health.reachable != Some(true) && !cursor.is_delayed() {
+            let reachable = health.reachable == Some(true) && !self.is_suspect(&source.peer);
+            if !reachable && !cursor.is_delayed() {
                 cursor.delay();
                 continue;
             }
@@ -294,6 +320,8 @@ impl Authz {
                     let result = if matches!(e, crate::peerclient::Error::Status { .. }) {
                         "refused"
                     } else {
+                        // Not reached: the next requests try it last.
+                        self.suspect(&source.peer);
                         "error"
                     };
                     self.remote_calls

@@ -96,8 +96,10 @@ pub struct Config {
     /// Seconds in-flight streams get on SIGTERM before they are closed.
     #[arg(long, env = "CL_DRAIN_TIMEOUT", default_value_t = 10.0, value_parser = fabric::clock::parse_flag_secs)]
     pub drain_timeout: f64,
-    /// Milliseconds to connect to a remote gateway or an export target.
-    #[arg(long, env = "CL_CONNECT_TIMEOUT_MS", default_value_t = 2000)]
+    /// Milliseconds to connect (TCP) to a remote gateway or an export target: what a
+    /// black-holed gateway costs before the next gateway, or the next source of the
+    /// import, is tried (the TLS handshake gets five times as long).
+    #[arg(long, env = "CL_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
     pub connect_timeout_ms: u64,
     /// Milliseconds a client gets to finish the TLS handshake, then to send a complete
     /// request head, and then a peer request's whole body, on the gateway port.

@@ -42,6 +42,11 @@ pub struct Metrics {
     /// Egress decisions by where they came from: the control plane, the data plane's
     /// cache of its answers, or the last-known-good answer while it is away.
     pub egress_decisions: IntCounterVec,
+    /// Outbound connections moved to another source before the client saw a byte,
+    /// by why (unreachable, refused).
+    pub failovers: IntCounterVec,
+    /// Tunnels tried per outbound connection (1: no failover or token retry).
+    pub connect_attempts: Histogram,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -178,6 +183,23 @@ impl Metrics {
                 "clusterlink_egress_decisions_total",
                 "Egress decisions by source (controlplane, cache, last_good)",
                 &["source"],
+            ),
+            failovers: counter_vec(
+                &r,
+                "clusterlink_failover_total",
+                "Outbound connections moved to another source before the client saw a byte",
+                &["reason"],
+            ),
+            connect_attempts: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "clusterlink_connect_attempts",
+                        "Tunnels tried per outbound connection",
+                    )
+                    .buckets(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+                )
+                .unwrap_or_else(|_| unreachable!()),
             ),
             tunnels_open: reg(
                 &r,

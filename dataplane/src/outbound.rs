@@ -283,6 +283,7 @@ async fn connection(
         import_name: name.to_owned(),
         client_ip: client_addr.ip().to_string(),
         rejected_token: String::new(),
+        failed_peer: String::new(),
     };
     let deny = |guard: &mut ConnGuard, reason: &'static str| {
         ctx.metrics
@@ -296,12 +297,24 @@ async fn connection(
     // attempt (after the authorization decision: on a cache hit that is moments after
     // the accept, and often finds nothing yet).
     let mut early: Option<Bytes> = None;
-    // One retry: a token refused by the remote peer (403, or 404: its export is gone) is
-    // reported, and a fresh answer asked for (the control plane then fails over).
+    // Before the client has seen a byte, a failed attempt is tried again:
+    // - once, a token refused by the remote peer (403, or 404: its export is gone): it is
+    //   reported and a fresh answer asked for (the control plane then fails over);
+    // - on another source of a multi-source import, a peer whose gateways could not be
+    //   reached or that refused before processing (5xx): it is reported, and the control
+    //   plane puts it last at once and picks another (by the import's scheme).
     let cache_key = format!("{service}|{}", request.client_ip);
-    for attempt in 0..2 {
+    let sources = ctx
+        .store
+        .load()
+        .imports
+        .get(service)
+        .map_or(1, |i| i.sources);
+    let mut token_retried = false;
+    let mut failovers = 0;
+    for attempt in 0..MAX_ATTEMPTS {
         let snap = ctx.store.load();
-        let reusable = attempt == 0 && snap.imports.get(service).is_some_and(|i| i.sources == 1);
+        let reusable = attempt == 0 && sources == 1;
         let cached = if reusable {
             ctx.egress_cache.fresh(&cache_key, snap.generation)
         } else {
@@ -370,20 +383,41 @@ async fn connection(
         };
         early = Some(first.clone());
         let tunnel = match dialer.open(peer, &answer.access_token, &first).await {
-            Ok(t) => t,
+            Ok(t) => {
+                ctx.metrics.connect_attempts.observe((attempt + 1) as f64);
+                t
+            }
             Err(tunnel::Error::Refused { status, reason, .. })
-                if attempt == 0
+                if !token_retried
+                    && attempt + 1 < MAX_ATTEMPTS
                     && matches!(
                         status,
                         http::StatusCode::FORBIDDEN | http::StatusCode::NOT_FOUND
                     ) =>
             {
                 tracing::debug!(import = %service, %reason, "token refused; asking again");
+                token_retried = true;
                 ctx.egress_cache.forget(&cache_key);
                 request.rejected_token = answer.access_token;
                 continue;
             }
+            Err(e)
+                if sources > 1
+                    && failovers < sources.min(MAX_FAILOVERS)
+                    && attempt + 1 < MAX_ATTEMPTS
+                    && failover_reason(&e).is_some() =>
+            {
+                let reason = failover_reason(&e).unwrap_or("unreachable");
+                tracing::info!(import = %service, peer = %peer.name, error = %e, "no tunnel; failing over to another source");
+                ctx.metrics.failovers.with_label_values(&[reason]).inc();
+                failovers += 1;
+                ctx.egress_cache.forget(&cache_key);
+                request.rejected_token.clear();
+                request.failed_peer = answer.peer;
+                continue;
+            }
             Err(e) => {
+                ctx.metrics.connect_attempts.observe((attempt + 1) as f64);
                 tracing::info!(import = %service, peer = %peer.name, error = %e, "no tunnel");
                 ctx.metrics
                     .denials
@@ -430,4 +464,20 @@ async fn connection(
         return;
     }
     deny(&mut guard, "token_refused");
+}
+
+/// Most tunnels tried for one client connection (token retry and failovers together).
+const MAX_ATTEMPTS: usize = 5;
+/// Most other sources tried after a failure.
+const MAX_FAILOVERS: usize = 3;
+
+/// Why a failed tunnel may be tried on another source: nothing of the client's
+/// reached a target (`Interrupted` is never retried, a token refusal is retried on
+/// its own terms).
+fn failover_reason(e: &tunnel::Error) -> Option<&'static str> {
+    match e {
+        tunnel::Error::NoGateways(_) | tunnel::Error::Gateway { .. } => Some("unreachable"),
+        tunnel::Error::Refused { status, .. } if status.is_server_error() => Some("refused"),
+        _ => None,
+    }
 }

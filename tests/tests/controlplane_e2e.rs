@@ -177,17 +177,28 @@ async fn authz_identity_comes_from_the_certificate() -> Result<()> {
     ensure!(status == 403, "unknown peer: {status} {text}");
 
     let peer_a = fabric.issue("peer-a")?;
-    let mut s = tls_connect(
-        b.dp.gateway_addr,
-        &fabric.ca_pem,
-        &peer_a,
-        "peer-b",
-        &[b"http/1.1"],
-    )
-    .await?;
-    s_write(&mut s, &req).await?;
-    let head = read_head(&mut s).await?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Once B's data plane has the snapshot with Peer peer-a (its gateway admits only
+    // identities that match a Peer), moments after the control plane.
+    let last = std::sync::Mutex::new(String::new());
+    let head = eventually("peer-a's /authz answered 200", T, || async {
+        let mut s = tls_connect(
+            b.dp.gateway_addr,
+            &fabric.ca_pem,
+            &peer_a,
+            "peer-b",
+            &[b"http/1.1"],
+        )
+        .await
+        .ok()?;
+        s_write(&mut s, &req).await.ok()?;
+        let head = read_head(&mut s).await.ok()?;
+        if let Ok(mut l) = last.lock() {
+            l.clone_from(&head);
+        }
+        head.starts_with("HTTP/1.1 200").then_some(head)
+    })
+    .await
+    .map_err(|e| anyhow!("{e}; last answer: {:?}", last.lock().map(|l| l.clone())))?;
     let token = head
         .lines()
         .find_map(|l| l.strip_prefix("x-access-token: "))
