@@ -209,6 +209,36 @@ fn token_key(path: Option<&Path>) -> Result<Vec<u8>, Error> {
     Ok(key)
 }
 
+/// The epoch a previous run recorded in `path` (0 when none or unreadable).
+fn read_epoch(path: &Path) -> u64 {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(file = %path.display(), "policy epoch unreadable; starting from 1");
+            0
+        }),
+        Err(_) => 0,
+    }
+}
+
+/// Records every epoch the control plane reaches in `path` (written aside, then
+/// renamed), so that the next run starts above it.
+async fn keep_epoch(path: PathBuf, mut epochs: watch::Receiver<u64>) {
+    loop {
+        let epoch = *epochs.borrow_and_update();
+        let tmp = path.with_extension("epoch.tmp");
+        let written =
+            std::fs::write(&tmp, format!("{epoch}\n")).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::error!(file = %path.display(), epoch, error = %e, "cannot record the policy epoch; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if epochs.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
@@ -252,11 +282,27 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             Some((kube, leader))
         }
     };
-    let key = match &kube {
-        None => token_key(config.token_key_file.as_deref())?,
-        Some((kube, _)) => crate::k8s::jwk::ensure(kube).await?,
+    let core = match &kube {
+        None => {
+            let key = token_key(config.token_key_file.as_deref())?;
+            let epoch_file = config
+                .token_key_file
+                .as_ref()
+                .map(|p| p.with_extension("epoch"));
+            // One more than the last run recorded (the first snapshot advances it once
+            // more): a bump the last run made but could not record is covered too.
+            let last = epoch_file.as_deref().map(read_epoch).unwrap_or(0);
+            let core = Core::new(key, labels, last + 1, true);
+            if let Some(path) = epoch_file {
+                tokio::spawn(keep_epoch(path, core.subscribe_epoch()));
+            }
+            core
+        }
+        Some((kube, _)) => {
+            let (key, epoch) = crate::k8s::jwk::ensure(kube).await?;
+            Core::new(key, labels, epoch, false)
+        }
     };
-    let core = Core::new(key, labels);
     let client = PeerClient::new(
         tls.clone(),
         Duration::from_millis(config.peer_timeout_ms.max(1)),
@@ -309,6 +355,11 @@ pub async fn start(config: Config) -> Result<Running, Error> {
                 crate::k8s::source::K8sSource::start(kube.clone(), core.clone(), leader.clone())
                     .await?;
             tokio::spawn(crate::k8s::jwk::follow(
+                kube.clone(),
+                core.clone(),
+                leader.clone(),
+            ));
+            tokio::spawn(crate::k8s::jwk::keep_epoch(
                 kube.clone(),
                 core.clone(),
                 leader.clone(),

@@ -424,7 +424,8 @@ impl Authz {
         let token = fabric::token::mint(
             &self.core.token_key(),
             &fabric::token::Claims {
-                sub: identity.to_owned(),
+                iss: local.to_owned(),
+                aud: identity.to_owned(),
                 export_namespace: ns.to_owned(),
                 export_name: name.to_owned(),
                 exp: expires,

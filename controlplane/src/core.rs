@@ -59,7 +59,13 @@ pub struct Core {
     pub local_labels: BTreeMap<String, String>,
     inner: RwLock<Inner>,
     health: Mutex<HashMap<String, PeerHealth>>,
-    epoch: std::sync::atomic::AtomicU64,
+    /// The policy epoch: tokens minted under an older one are void. It never goes
+    /// backwards: it starts from where the last run left it (the `epoch` watch is what
+    /// is kept: a file on the local platform, the `jwk` Secret on Kubernetes).
+    epoch: watch::Sender<u64>,
+    /// Whether this process advances the epoch on a change (the local control plane;
+    /// on Kubernetes the leader only, and the other replicas follow the Secret).
+    advances: std::sync::atomic::AtomicBool,
     token_key: RwLock<Vec<u8>>,
     /// Client pods by address (Kubernetes only).
     pub pods: crate::pods::Index,
@@ -70,12 +76,19 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(token_key: Vec<u8>, local_labels: BTreeMap<String, String>) -> Arc<Self> {
+    /// `epoch`: where the last run left it (1 for a first start).
+    pub fn new(
+        token_key: Vec<u8>,
+        local_labels: BTreeMap<String, String>,
+        epoch: u64,
+        advances: bool,
+    ) -> Arc<Self> {
         Arc::new(Core {
             local_labels,
             inner: RwLock::new(Inner::default()),
             health: Mutex::new(HashMap::new()),
-            epoch: std::sync::atomic::AtomicU64::new(1),
+            epoch: watch::channel(epoch.max(1)).0,
+            advances: std::sync::atomic::AtomicBool::new(advances),
             token_key: RwLock::new(token_key),
             pods: crate::pods::Index::default(),
             snapshot: watch::channel(v1::Snapshot::default()).0,
@@ -107,7 +120,54 @@ impl Core {
     }
 
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+        *self.epoch.borrow()
+    }
+
+    /// Follows the epoch (to keep it, or to share it with other replicas).
+    pub fn subscribe_epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
+    /// Moves the epoch on: every token minted so far is void. Returns the new one.
+    pub fn advance_epoch(&self, why: &str) -> u64 {
+        let mut now = 0;
+        self.epoch.send_modify(|e| {
+            *e += 1;
+            now = *e;
+        });
+        tracing::info!(
+            epoch = now,
+            why,
+            "policy epoch advanced; older access tokens are void"
+        );
+        self.publish();
+        now
+    }
+
+    /// Whether this process advances the epoch on a change (Kubernetes: while it leads).
+    pub fn set_advances(&self, advances: bool) {
+        self.advances
+            .store(advances, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The epoch another replica (the leader) recorded: followed exactly by a replica
+    /// that does not advance it, taken when higher by one that does.
+    pub fn adopt_epoch(&self, recorded: u64) {
+        let advances = self.advances.load(std::sync::atomic::Ordering::SeqCst);
+        let changed = self.epoch.send_if_modified(|e| {
+            let next = if advances {
+                (*e).max(recorded)
+            } else {
+                recorded.max(1)
+            };
+            let changed = next != *e;
+            *e = next;
+            changed
+        });
+        if changed {
+            tracing::info!(epoch = recorded, "policy epoch recorded by the leader");
+            self.publish();
+        }
     }
 
     pub fn subscribe_snapshots(&self) -> watch::Receiver<v1::Snapshot> {
@@ -198,12 +258,12 @@ impl Core {
             changed
         };
         if policy_or_peer_changed {
-            let epoch = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            tracing::info!(
-                epoch,
-                "policies or peers changed; older access tokens are void"
-            );
             self.changes.send_modify(|n| *n += 1);
+            if self.advances.load(std::sync::atomic::Ordering::SeqCst) {
+                // (publishes)
+                self.advance_epoch("policies or peers changed");
+                return;
+            }
         }
         self.publish();
     }

@@ -46,6 +46,7 @@ pub struct Metrics {
     resource_errors: IntGauge,
     subscribers: IntGauge,
     grpc_tls_refused: IntCounter,
+    policy_epoch: IntGauge,
 }
 
 impl Metrics {
@@ -81,8 +82,14 @@ impl Metrics {
             "Connections to the gRPC API refused in the site TLS handshake (wrong CA or name, no certificate or no TLS, as from TCP probes, timeout, too many at once)",
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let policy_epoch = IntGauge::new(
+            "clusterlink_policy_epoch",
+            "The policy epoch: access tokens minted under an older one are refused (it never goes backwards, also across restarts)",
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
         for c in [
             Box::new(peer_reachable.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(policy_epoch.clone()),
             Box::new(resource_errors.clone()),
             Box::new(subscribers.clone()),
             Box::new(grpc_tls_refused.clone()),
@@ -97,6 +104,7 @@ impl Metrics {
             resource_errors,
             subscribers,
             grpc_tls_refused,
+            policy_epoch,
         }
     }
 }
@@ -412,6 +420,9 @@ async fn admin(
             s.metrics
                 .resource_errors
                 .set(s.core.source_errors().len() as i64);
+            s.metrics
+                .policy_epoch
+                .set(i64::try_from(s.core.epoch()).unwrap_or(i64::MAX));
             let mut out = String::new();
             let _ =
                 prometheus::TextEncoder::new().encode_utf8(&s.metrics.registry.gather(), &mut out);

@@ -120,6 +120,10 @@ pub struct Config {
     /// gateway sends GOAWAY and closes it; 0: never.
     #[arg(long, env = "CL_IDLE_TIMEOUT", default_value_t = 300.0, value_parser = fabric::clock::parse_flag_secs)]
     pub idle_timeout: f64,
+    /// Keep established tunnels whose peer or export a new configuration removed (by
+    /// default they are closed, reset at both ends, within a second of the snapshot).
+    #[arg(long, env = "CL_KEEP_REVOKED_STREAMS")]
+    pub keep_revoked_streams: bool,
     /// How often certificate files are checked for changes, in milliseconds.
     #[arg(long, env = "CL_CERT_RELOAD_MS", default_value_t = 1000)]
     pub cert_reload_ms: u64,
@@ -313,6 +317,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         }),
         idle_timeout: (config.idle_timeout > 0.0)
             .then(|| Duration::from_secs_f64(config.idle_timeout)),
+        revoke: !config.keep_revoked_streams,
     });
     let outbound = Arc::new(outbound::Context {
         store: store.clone(),

@@ -113,6 +113,8 @@ pub enum End {
     RemoteReset,
     /// Still open when the drain timed out; closed by the gateway.
     Drained,
+    /// A new configuration removed its peer or its export: reset at both ends.
+    Revoked,
 }
 
 impl End {
@@ -122,6 +124,7 @@ impl End {
             End::LocalReset => "local_reset",
             End::RemoteReset => "remote_reset",
             End::Drained => "drained",
+            End::Revoked => "revoked",
         }
     }
 }

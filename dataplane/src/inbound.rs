@@ -30,7 +30,7 @@ use crate::workers::{Port, Workers};
 use crate::{h2conf, sockopt};
 use fabric::identity::{remote_identity, Material};
 use fabric::token;
-use fabric::wire::{ALPN_H2, ALPN_MUX, PROTOCOLS_HEADER, PROTOCOLS_VALUE};
+use fabric::wire::{ALPN_H2, ALPN_MUX, ALPN_MUX2, PROTOCOLS_HEADER, PROTOCOLS_VALUE};
 
 /// Largest request head accepted (both HTTP versions).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -56,6 +56,8 @@ pub struct Context {
     pub admission: Arc<Admission>,
     /// A mux or h2 connection with no stream this long is closed (GOAWAY first).
     pub idle_timeout: Option<Duration>,
+    /// Established tunnels are reset when a snapshot removes their peer or export.
+    pub revoke: bool,
 }
 
 /// Whether `identity` matches a Peer of the snapshot in force.
@@ -162,17 +164,18 @@ async fn connection(
     let alpn = tls.get_ref().1.alpn_protocol();
     // Tunnels are for identities that match a Peer; the mux carries nothing else.
     let is_known = known(&ctx, &identity);
-    if !is_known && alpn == Some(ALPN_MUX) {
+    let is_mux = alpn == Some(ALPN_MUX) || alpn == Some(ALPN_MUX2);
+    if !is_known && is_mux {
         return refused(&ctx, &identity, Refusal::UnknownPeer);
     }
     let _permit = match ctx.admission.connection(&identity, is_known) {
         Ok(p) => p,
         Err(r) => return refused(&ctx, &identity, r),
     };
-    if alpn == Some(ALPN_MUX) || alpn == Some(ALPN_H2) {
+    if is_mux || alpn == Some(ALPN_H2) {
         sockopt::set_user_timeout(tls.get_ref().0);
     }
-    if alpn == Some(ALPN_MUX) {
+    if is_mux {
         serve_mux(tls, identity, ctx, stop).await;
     } else if alpn == Some(ALPN_H2) {
         serve_h2(tls, identity, ctx, stop).await;
@@ -283,9 +286,14 @@ async fn mux_stream(incoming: mux::Incoming, identity: Arc<str>, ctx: Arc<Contex
             let Ok(stream) = incoming.accept().await else {
                 return;
             };
-            relay_inbound(&ctx, &service, start, |counters| async move {
-                mux::splice(target, stream, &counters).await
-            })
+            relay_inbound(
+                &ctx,
+                &identity,
+                &service,
+                start,
+                target,
+                |target, counters| async move { mux::splice(target, stream, &counters).await },
+            )
             .await;
         }
         Err((status, reason)) => incoming.refuse(status.as_u16(), &reason).await,
@@ -293,10 +301,18 @@ async fn mux_stream(incoming: mux::Incoming, identity: Arc<str>, ctx: Arc<Contex
 }
 
 /// Runs an established inbound tunnel's relay (mux, h2 or HTTP/1.1) with its bookkeeping:
-/// tracked for the drain, counted per service, set-up time observed, end reason kept.
-async fn relay_inbound<F, Fut>(ctx: &Context, service: &str, start: Instant, relay: F)
-where
-    F: FnOnce(Counters) -> Fut,
+/// tracked for the drain, counted per service, set-up time observed, end reason kept;
+/// and, unless `--keep-revoked-streams`, reset at both ends once a snapshot no longer
+/// has its peer or its export (live revocation).
+async fn relay_inbound<F, Fut>(
+    ctx: &Context,
+    identity: &str,
+    service: &str,
+    start: Instant,
+    target: TcpStream,
+    relay: F,
+) where
+    F: FnOnce(TcpStream, Counters) -> Fut,
     Fut: std::future::Future<Output = copy::End>,
 {
     let _track = ctx.tracker.track();
@@ -309,8 +325,48 @@ where
         up: guard.from_target.clone(),
         down: guard.to_target.clone(),
     };
-    let end = ctx.tracker.run(relay(counters)).await;
+    // A second handle on the target's socket, to reset it when the relay (which owns
+    // the target) is dropped on revocation.
+    let reset = ctx
+        .revoke
+        .then(|| std::os::fd::AsFd::as_fd(&target).try_clone_to_owned().ok())
+        .flatten();
+    let relay = ctx.tracker.run(relay(target, counters));
+    let end = match &reset {
+        None => relay.await,
+        Some(socket) => {
+            tokio::select! {
+                end = relay => end,
+                reason = revoked(ctx, identity, service) => {
+                    // The relay (and with it the tunnel's stream, which its remote sees
+                    // reset) is dropped; the target gets RST, not an orderly FIN.
+                    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
+                    ctx.metrics.revoked.with_label_values(&[reason]).inc();
+                    tracing::info!(peer = identity, export = service, reason, "established tunnel revoked");
+                    copy::End::Revoked
+                }
+            }
+        }
+    };
     guard.set_reason(end.reason());
+}
+
+/// Resolves, with the reason, once a snapshot no longer allows `identity`'s tunnel to
+/// `service`: its Peer or its export is gone.
+async fn revoked(ctx: &Context, identity: &str, service: &str) -> &'static str {
+    let mut applied = ctx.store.subscribe();
+    loop {
+        if applied.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let snap = ctx.store.load();
+        if !snap.peers.contains_key(identity) {
+            return "peer_removed";
+        }
+        if !snap.exports.contains_key(service) {
+            return "export_removed";
+        }
+    }
 }
 
 fn response(status: StatusCode) -> http::response::Builder {
@@ -348,9 +404,16 @@ async fn h2_stream(
                 let Ok(send) = respond.send_response(resp, false) else {
                     return;
                 };
-                relay_inbound(&ctx, &service, start, |counters| async move {
-                    copy::splice_h2(target, send, body, &counters).await
-                })
+                relay_inbound(
+                    &ctx,
+                    &identity,
+                    &service,
+                    start,
+                    target,
+                    |target, counters| async move {
+                        copy::splice_h2(target, send, body, &counters).await
+                    },
+                )
                 .await;
             }
             Err((status, reason)) => {
@@ -610,9 +673,17 @@ async fn h1_request(
                         let _permit = permit;
                         match hyper::upgrade::on(req).await {
                             Ok(upgraded) => {
-                                relay_inbound(&ctx, &service, start, |counters| async move {
-                                    copy::splice_io(target, TokioIo::new(upgraded), &counters).await
-                                })
+                                relay_inbound(
+                                    &ctx,
+                                    &identity,
+                                    &service,
+                                    start,
+                                    target,
+                                    |target, counters| async move {
+                                        copy::splice_io(target, TokioIo::new(upgraded), &counters)
+                                            .await
+                                    },
+                                )
                                 .await
                             }
                             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
@@ -746,20 +817,24 @@ async fn authorize_and_dial(
         ));
     };
     let snap = ctx.store.load();
-    let claims = token::verify(
+    // Issued by this peer (its certificate's name: another peer holding the same key
+    // cannot mint for this gateway), to the peer presenting it.
+    let verified = token::verify(
         &snap.token_key,
         snap.min_epoch,
         token,
+        &ctx.tls.borrow().identity,
         identity,
         fabric::clock::unix_secs(),
-    )
-    .map_err(|e| {
+    );
+    let claims = verified.map_err(|e| {
         let (reason, public) = match e {
             token::Error::Expired => ("token_expired", "access token expired"),
             token::Error::StaleEpoch { .. } => {
                 ("token_stale", "access token minted under an older policy")
             }
             token::Error::WrongPeer { .. } => ("token_wrong_peer", "access token not valid"),
+            token::Error::WrongIssuer { .. } => ("token_wrong_issuer", "access token not valid"),
             _ => ("token_invalid", "access token not valid"),
         };
         deny(reason, StatusCode::FORBIDDEN, public, e.to_string())

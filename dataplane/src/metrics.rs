@@ -27,6 +27,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Gateway connections closed after their idle timeout, by protocol (mux, h2).
     pub idle_closed: IntCounterVec,
+    /// Established tunnels closed because a new configuration no longer allows them.
+    pub revoked: IntCounterVec,
     /// 1 while the configuration stream to the control plane is up.
     pub cp_connected: IntGauge,
     pub cp_reconnects: IntCounter,
@@ -133,6 +135,12 @@ impl Metrics {
                 "clusterlink_gateway_idle_closed_total",
                 "Gateway connections closed (GOAWAY) after their idle timeout with no stream",
                 &["protocol"],
+            ),
+            revoked: counter_vec(
+                &r,
+                "clusterlink_revoked_streams_total",
+                "Established inbound tunnels reset because a new configuration removed their peer or export",
+                &["reason"],
             ),
             cp_connected: reg(
                 &r,

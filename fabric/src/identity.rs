@@ -22,7 +22,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::sync::watch;
 
-use crate::wire::{ALPN_H2, ALPN_HTTP11, ALPN_MUX};
+use crate::wire::{ALPN_H2, ALPN_HTTP11, ALPN_MUX, ALPN_MUX2};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -220,7 +220,12 @@ impl Material {
             .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
                 certified.clone(),
             )));
-        server.alpn_protocols = vec![ALPN_MUX.to_vec(), ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+        server.alpn_protocols = vec![
+            ALPN_MUX2.to_vec(),
+            ALPN_MUX.to_vec(),
+            ALPN_H2.to_vec(),
+            ALPN_HTTP11.to_vec(),
+        ];
         // One resumption ticket per connection: pooled h2 tunnels rarely need it, but
         // peers that tunnel over HTTP/1.1 make a TLS connection per tunnel, and a
         // resumed handshake costs about half a full one (perf-notes). The session
@@ -249,6 +254,7 @@ impl Material {
             server: Arc::new(server),
             client_h2: client(vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()])?,
             client_mux: client(vec![
+                ALPN_MUX2.to_vec(),
                 ALPN_MUX.to_vec(),
                 ALPN_H2.to_vec(),
                 ALPN_HTTP11.to_vec(),

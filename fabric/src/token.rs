@@ -1,8 +1,10 @@
 //! Access tokens: HS256 JWTs minted by the exporting peer's control plane on
 //! `POST /authz` and verified here, on the exporting gateway, for every CONNECT
 //! without a call to the control plane. Unlike ClusterLink's, a token names the peer
-//! it was issued to (`sub`) and the policy epoch it was minted under, so a token
-//! cannot be replayed by another peer and a policy change invalidates older tokens.
+//! that issued it (`iss`, the exporting peer), the peer it was issued to (`aud`, the
+//! requesting peer) and the policy epoch it was minted under, so a token is good only
+//! at its issuer's gateways, cannot be replayed by another peer, and a policy change
+//! invalidates older tokens.
 //! Verification is constant-time in the signature and never panics on input.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -27,15 +29,18 @@ pub enum Error {
     Expired,
     #[error("token minted under policy epoch {got}, older than {min}")]
     StaleEpoch { got: u64, min: u64 },
-    #[error("token issued to {sub:?}, presented by {peer:?}")]
-    WrongPeer { sub: String, peer: String },
+    #[error("token issued to {aud:?}, presented by {peer:?}")]
+    WrongPeer { aud: String, peer: String },
+    #[error("token issued by {iss:?}, presented at {issuer:?}")]
+    WrongIssuer { iss: String, issuer: String },
 }
 
-/// What a token grants: peer `sub` may connect to export `export_namespace/export_name`
-/// until `exp` (seconds since the Unix epoch).
+/// What a token grants: peer `aud` may connect to export `export_namespace/export_name`
+/// of peer `iss` until `exp` (seconds since the Unix epoch).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
-    pub sub: String,
+    pub iss: String,
+    pub aud: String,
     pub export_namespace: String,
     pub export_name: String,
     pub exp: u64,
@@ -54,11 +59,13 @@ pub fn mint(key: &[u8], claims: &Claims) -> String {
     format!("{signing_input}.{}", B64.encode(tag.as_ref()))
 }
 
-/// Verifies signature, expiry, epoch and that the token was issued to `peer`.
+/// Verifies signature, expiry, epoch, that the token was issued by `issuer` (the peer
+/// verifying it) and to `peer` (the one presenting it).
 pub fn verify(
     key: &[u8],
     min_epoch: u64,
     token: &str,
+    issuer: &str,
     peer: &str,
     now_unix: u64,
 ) -> Result<Claims, Error> {
@@ -91,9 +98,15 @@ pub fn verify(
             min: min_epoch,
         });
     }
-    if !crate::identity::same_peer(&claims.sub, peer) {
+    if !crate::identity::same_peer(&claims.iss, issuer) {
+        return Err(Error::WrongIssuer {
+            iss: claims.iss,
+            issuer: issuer.to_owned(),
+        });
+    }
+    if !crate::identity::same_peer(&claims.aud, peer) {
         return Err(Error::WrongPeer {
-            sub: claims.sub,
+            aud: claims.aud,
             peer: peer.to_owned(),
         });
     }
@@ -108,7 +121,8 @@ mod tests {
 
     fn claims() -> Claims {
         Claims {
-            sub: "peer-a".into(),
+            iss: "peer-b".into(),
+            aud: "peer-a".into(),
             export_namespace: "default".into(),
             export_name: "echo".into(),
             exp: 1_000,
@@ -119,24 +133,37 @@ mod tests {
     #[test]
     fn round_trip() {
         let t = mint(KEY, &claims());
-        assert_eq!(verify(KEY, 3, &t, "peer-a", 999), Ok(claims()));
+        assert_eq!(verify(KEY, 3, &t, "peer-b", "peer-a", 999), Ok(claims()));
     }
 
     #[test]
-    fn refuses_forged_expired_stale_and_foreign() {
+    fn refuses_forged_expired_stale_foreign_and_elsewhere() {
         let t = mint(KEY, &claims());
         let other = mint(b"another key, 32 bytes long......", &claims());
-        assert_eq!(verify(KEY, 3, &other, "peer-a", 999), Err(Error::Signature));
-        assert_eq!(verify(KEY, 3, &t, "peer-a", 1_000), Err(Error::Expired));
+        let v =
+            |key: &[u8], min, t: &str, issuer, peer, now| verify(key, min, t, issuer, peer, now);
         assert_eq!(
-            verify(KEY, 4, &t, "peer-a", 999),
+            v(KEY, 3, &other, "peer-b", "peer-a", 999),
+            Err(Error::Signature)
+        );
+        assert_eq!(
+            v(KEY, 3, &t, "peer-b", "peer-a", 1_000),
+            Err(Error::Expired)
+        );
+        assert_eq!(
+            v(KEY, 4, &t, "peer-b", "peer-a", 999),
             Err(Error::StaleEpoch { got: 3, min: 4 })
         );
         assert!(matches!(
-            verify(KEY, 3, &t, "peer-b", 999),
+            v(KEY, 3, &t, "peer-b", "peer-c", 999),
             Err(Error::WrongPeer { .. })
         ));
-        assert_eq!(verify(&[], 0, &t, "peer-a", 999), Err(Error::NoKey));
+        // Another peer sharing the key (a copied jwk) still cannot take it.
+        assert!(matches!(
+            v(KEY, 3, &t, "peer-c", "peer-a", 999),
+            Err(Error::WrongIssuer { .. })
+        ));
+        assert_eq!(v(&[], 0, &t, "peer-b", "peer-a", 999), Err(Error::NoKey));
     }
 
     #[test]
@@ -144,11 +171,11 @@ mod tests {
         let t = mint(KEY, &claims());
         let mut parts: Vec<&str> = t.split('.').collect();
         let mut c = claims();
-        c.sub = "peer-b".into();
+        c.aud = "peer-c".into();
         let forged_body = B64.encode(serde_json::to_vec(&c).unwrap_or_default());
         parts[1] = &forged_body;
         assert_eq!(
-            verify(KEY, 0, &parts.join("."), "peer-b", 999),
+            verify(KEY, 0, &parts.join("."), "peer-b", "peer-c", 999),
             Err(Error::Signature)
         );
     }
@@ -156,7 +183,7 @@ mod tests {
     #[test]
     fn garbage_is_malformed_not_a_panic() {
         for t in ["", ".", "..", "a.b.c", "a.b", &"x".repeat(10_000), "é.é.é"] {
-            assert!(verify(KEY, 0, t, "peer-a", 0).is_err(), "{t:?}");
+            assert!(verify(KEY, 0, t, "peer-b", "peer-a", 0).is_err(), "{t:?}");
         }
     }
 }

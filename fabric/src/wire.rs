@@ -8,6 +8,10 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// ALPN: our gateways' own stream multiplexer, preferred between them.
 pub const ALPN_MUX: &[u8] = b"clusterlink-mux/1";
+/// ALPN: the multiplexer with PING/PONG, so that a client can tell a connection that
+/// went silent (black-holed) before it trusts a stream to it; preferred over version
+/// 1, which gateways still speak with peers that do not offer 2.
+pub const ALPN_MUX2: &[u8] = b"clusterlink-mux/2";
 
 /// Header every response of our gateway carries, so that a dialer can tell our
 /// refusals (authoritative) from a peer that cannot tunnel over h2; heartbeats record

@@ -355,6 +355,11 @@ impl FakeControlPlane {
         })
     }
 
+    /// The snapshot it serves now.
+    pub fn snapshot(&self) -> v1::Snapshot {
+        self.state.snapshot.borrow().clone()
+    }
+
     /// Pushes a new snapshot to every subscribed data plane.
     pub fn set_snapshot(&self, s: v1::Snapshot) {
         self.state.snapshot.send_replace(s);
@@ -490,6 +495,7 @@ pub fn gateway_config(files: &PeerFiles, cp: impl std::fmt::Display) -> dataplan
         max_streams_per_peer: 65_536,
         peer_requests_per_sec: 1000,
         idle_timeout: 300.0,
+        keep_revoked_streams: false,
         cert_reload_ms: 100,
         force_http1: false,
         no_mux: false,
@@ -547,12 +553,18 @@ pub fn importer_snapshot(gateway: SocketAddr) -> v1::Snapshot {
     }
 }
 
-/// A token B's gateway accepts from `sub` for `default/echo`.
-pub fn token_for(sub: &str, ttl_secs: u64, epoch: u64) -> String {
+/// A token B's gateway accepts from `aud` for `default/echo`.
+pub fn token_for(aud: &str, ttl_secs: u64, epoch: u64) -> String {
+    token_by(PEER_B, aud, ttl_secs, epoch)
+}
+
+/// A token for `default/echo` as peer `iss` would mint it for `aud` (with B's key).
+pub fn token_by(iss: &str, aud: &str, ttl_secs: u64, epoch: u64) -> String {
     fabric::token::mint(
         TOKEN_KEY,
         &fabric::token::Claims {
-            sub: sub.into(),
+            iss: iss.into(),
+            aud: aud.into(),
             export_namespace: NS.into(),
             export_name: SERVICE.into(),
             exp: fabric::clock::unix_secs() + ttl_secs,

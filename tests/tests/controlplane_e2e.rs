@@ -211,8 +211,8 @@ async fn authz_identity_comes_from_the_certificate() -> Result<()> {
     let claims: serde_json::Value =
         serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?)?;
     ensure!(
-        claims["sub"] == "peer-a",
-        "token subject must be the mTLS identity: {claims}"
+        claims["aud"] == "peer-a" && claims["iss"] == "peer-b",
+        "token audience must be the mTLS identity, its issuer the exporting peer: {claims}"
     );
     // An export that is not valid is never authorized.
     b.write("bad-export.yaml", "apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata:\n  name: nohost\n  namespace: default\nspec:\n  port: 80\n")?;

@@ -154,8 +154,9 @@ async fn expired_client_certificate_is_refused() -> Result<()> {
 async fn forged_expired_and_foreign_tokens_are_refused() -> Result<()> {
     let pair = Pair::start(Options::default()).await?;
     let cert_a = pair.fabric.issue(PEER_A)?;
-    let claims = |sub: &str, exp: u64, name: &str, epoch: u64| fabric::token::Claims {
-        sub: sub.into(),
+    let claims = |aud: &str, exp: u64, name: &str, epoch: u64| fabric::token::Claims {
+        iss: PEER_B.into(),
+        aud: aud.into(),
         export_namespace: NS.into(),
         export_name: name.into(),
         exp,
@@ -186,6 +187,11 @@ async fn forged_expired_and_foreign_tokens_are_refused() -> Result<()> {
             403,
         ),
         ("older policy epoch", Some(token_for(PEER_A, 60, 0)), 403),
+        (
+            "issued by another peer with the same key",
+            Some(token_by("peer-c", PEER_A, 60, 1)),
+            403,
+        ),
         ("garbage", Some("a.b.c".into()), 403),
         (
             "unknown export",

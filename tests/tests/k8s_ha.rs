@@ -18,6 +18,23 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 const LEASE: Duration = Duration::from_secs(4);
 
 /// The Lease holder of the ClusterLink namespace.
+/// The policy epoch the `jwk` Secret records.
+fn recorded_epoch(c: &Kubectl) -> Result<f64> {
+    use base64::Engine as _;
+    let b64 = c.jsonpath("secret", "clusterlink-system", "jwk", "{.data.epoch}")?;
+    let text = base64::engine::general_purpose::STANDARD.decode(b64.trim())?;
+    Ok(String::from_utf8(text)?.trim().parse()?)
+}
+
+/// A control plane's policy epoch, from its metrics.
+async fn epoch_at(admin: u16) -> Result<f64> {
+    let m = http_get(SocketAddr::from(([127, 0, 0, 1], admin)), "/metrics")
+        .await?
+        .1;
+    ensure!(m.contains("clusterlink_policy_epoch "), "no epoch in {m}");
+    Ok(metric(&m, "clusterlink_policy_epoch", &[]))
+}
+
 fn holder(c: &Kubectl) -> Result<String> {
     c.jsonpath(
         "lease",
@@ -244,6 +261,19 @@ async fn k8s_two_replicas_one_leader_and_failover() -> Result<()> {
     let a = f.cluster(0)?;
     ensure!(holder(a)? == first, "the leader changed before the kill");
     ensure!(second.ended().is_none(), "the second replica exited");
+    // Both replicas hand their data planes the epoch the leader recorded, so that a
+    // token minted by either verifies at every data plane.
+    let first_admin = f.peer(0)?.cp_admin;
+    let led_epoch = retry("the replicas agree on the recorded epoch", WAIT, || async {
+        let recorded = recorded_epoch(a)?;
+        let (e1, e2) = (epoch_at(first_admin).await?, epoch_at(admin2).await?);
+        ensure!(
+            e1 == recorded && e2 == recorded,
+            "recorded {recorded}, leader {e1}, follower {e2}"
+        );
+        Ok(recorded)
+    })
+    .await?;
 
     let traffic = Traffic::start(import);
     retry("traffic running", WAIT, || async {
@@ -271,6 +301,18 @@ async fn k8s_two_replicas_one_leader_and_failover() -> Result<()> {
         took <= LEASE + Duration::from_millis(2500),
         "taken over {took:?} after the last renewal, lease {LEASE:?}"
     );
+    // The new leader moves the epoch on (changes may have come while no one led) and
+    // records it: never backwards.
+    retry("the new leader records a later epoch", WAIT, || async {
+        let recorded = recorded_epoch(a)?;
+        let e2 = epoch_at(admin2).await?;
+        ensure!(
+            recorded > led_epoch && e2 == recorded,
+            "recorded {recorded}, new leader {e2}, before {led_epoch}"
+        );
+        Ok(())
+    })
+    .await?;
 
     // The new leader does the leader's work: a new import with targetPort 0 gets a
     // port and its Services.

@@ -10,11 +10,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
 use super::conn::{Conn, Held, Reply, Slot};
-use super::frame::{header, DATA, MAX_OPEN, OPEN};
+use super::frame::{header, DATA, MAX_OPEN, OPEN, PING, PING_LEN};
 use super::reader::drive;
 use super::stream::Stream;
 use super::{Error, OpenError, MAX_DATA};
 use fabric::sync::lock;
+
+static EMPTY: Bytes = Bytes::new();
 
 /// The client side of a connection: opens streams. Once every clone is dropped, the
 /// connection takes no new streams and ends gracefully after its last one.
@@ -53,8 +55,23 @@ impl Client {
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
+        Self::negotiated(io, false)
+    }
+
+    /// `new`, with `ping` for a connection that negotiated `clusterlink-mux/2`: OPENs
+    /// on a quiet connection then go with a PING (module docs).
+    pub fn negotiated<T>(
+        io: T,
+        ping: bool,
+    ) -> (
+        Client,
+        impl std::future::Future<Output = Result<(), Error>> + Send,
+    )
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let (rd, wr) = tokio::io::split(io);
-        let conn = Conn::new(Box::new(wr), false);
+        let conn = Conn::new(Box::new(wr), false, ping);
         let conn_ = conn.clone();
         let driver = async move { drive(conn_, rd, None, None, None).await.map(|_| ()) };
         let conn = Arc::new(Handle(conn));
@@ -95,9 +112,14 @@ impl Client {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         let conn: &Conn = &self.conn;
+        // Heard nothing for a while: a PING goes with the OPEN, and the first bytes
+        // wait for the answer, so that a black-holed connection is found out with none
+        // of them sent.
+        let probe = conn.ping && conn.quiet_for() >= super::QUIET;
+        let early_now: &Bytes = if probe { &EMPTY } else { early };
         // Connection credit for the first bytes, given back unless they are sent.
         let mut held = Held { conn, n: 0 };
-        if !early.is_empty() {
+        if !early_now.is_empty() {
             match tokio::time::timeout_at(deadline, conn.take_credit_exact(early.len())).await {
                 Ok(true) => held.n = early.len(),
                 Ok(false) => return Err(OpenError::Unprocessed("connection closing")),
@@ -138,14 +160,21 @@ impl Client {
             ended: false,
         };
         let id = stream.slot.id;
-        stream.slot.credit.fetch_sub(early.len(), Ordering::Relaxed);
+        stream
+            .slot
+            .credit
+            .fetch_sub(early_now.len(), Ordering::Relaxed);
         let open = header(OPEN, auth.len(), id);
-        let data = header(DATA, early.len(), id);
-        let parts: &[&[u8]] = if early.is_empty() {
+        let data = header(DATA, early_now.len(), id);
+        let ping = header(PING, PING_LEN, 0);
+        let parts: &[&[u8]] = if probe {
+            &[&ping, &[0u8; PING_LEN], &open, auth.as_bytes()]
+        } else if early_now.is_empty() {
             &[&open, auth.as_bytes()]
         } else {
-            &[&open, auth.as_bytes(), &data, early]
+            &[&open, auth.as_bytes(), &data, early_now]
         };
+        let heard = conn.heard();
         // From here on the frames go out whatever happens to this task.
         held.commit();
         match tokio::time::timeout_at(deadline, conn.send_locked(&mut out, parts)).await {
@@ -164,7 +193,39 @@ impl Client {
             }
         }
         drop(out);
-        match tokio::time::timeout_at(deadline, rx).await {
+        let mut rx = rx;
+        let mut early_reply = None;
+        if probe {
+            let ping_deadline = tokio::time::Instant::now() + super::PING_TIMEOUT;
+            if ping_deadline < deadline {
+                match tokio::time::timeout_at(ping_deadline, &mut rx).await {
+                    Ok(r) => early_reply = Some(r),
+                    Err(_) if conn.heard() == heard => {
+                        // Not even the PONG: retired, and this stream opened elsewhere.
+                        conn.going_away.store(true, Ordering::Relaxed);
+                        return Err(OpenError::Unresponsive);
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        let reply = match early_reply {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout_at(deadline, rx).await,
+        };
+        if probe && !early.is_empty() && matches!(reply, Ok(Ok(Reply::Status(200, _)))) {
+            // The first bytes, held for the answer, go now.
+            match tokio::time::timeout_at(deadline, conn.take_credit_exact(early.len())).await {
+                Ok(true) => {}
+                _ => return Err(OpenError::Lost),
+            }
+            stream.slot.credit.fetch_sub(early.len(), Ordering::Relaxed);
+            let data = header(DATA, early.len(), id);
+            if conn.send(&[&data, early], early.len()).await.is_err() {
+                return Err(OpenError::Lost);
+            }
+        }
+        match reply {
             Ok(Ok(Reply::Status(200, _))) => Ok(stream),
             Ok(Ok(Reply::Status(status, reason))) => {
                 stream.ended = true;

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
 use super::frame::{
-    header, Parts, CREDIT, DATA, FIN, GOAWAY, MAX_OPEN, MAX_REPLY, OPEN, REPLY, RST,
+    header, Parts, CREDIT, DATA, FIN, GOAWAY, MAX_OPEN, MAX_REPLY, OPEN, PING, PING_LEN, PONG,
+    REPLY, RST,
 };
 use super::server::Incoming;
 use super::stream::Stream;
@@ -112,6 +113,14 @@ pub(super) struct Conn {
     pub(super) unused: AtomicBool,
     /// A stream left the table (for a draining server).
     pub(super) left: Notify,
+    /// Client of version 2: may send PING.
+    pub(super) ping: bool,
+    /// When the connection was made; `heard_ms` counts from here.
+    born: std::time::Instant,
+    /// When something last arrived (milliseconds since `born`), and how many reads
+    /// brought something: the reader updates both.
+    heard_ms: AtomicU64,
+    heard: AtomicU64,
 }
 
 #[derive(Default)]
@@ -188,7 +197,7 @@ impl Slot {
 }
 
 impl Conn {
-    pub(super) fn new(writer: Writer, server: bool) -> Arc<Conn> {
+    pub(super) fn new(writer: Writer, server: bool, ping: bool) -> Arc<Conn> {
         Arc::new(Conn {
             server,
             writer: tokio::sync::Mutex::new(Out {
@@ -209,7 +218,30 @@ impl Conn {
             going_away: AtomicBool::new(false),
             unused: AtomicBool::new(false),
             left: Notify::new(),
+            ping,
+            born: std::time::Instant::now(),
+            heard_ms: AtomicU64::new(0),
+            heard: AtomicU64::new(0),
         })
+    }
+
+    /// Something arrived (the reader, on every read).
+    pub(super) fn heard_now(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.heard_ms.store(ms, Ordering::Relaxed);
+        self.heard.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads that brought something so far.
+    pub(super) fn heard(&self) -> u64 {
+        self.heard.load(Ordering::Relaxed)
+    }
+
+    /// How long nothing has arrived (since the connection was made, at first: its
+    /// handshake just proved it alive).
+    pub(super) fn quiet_for(&self) -> Duration {
+        let now = self.born.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.heard_ms.load(Ordering::Relaxed)))
     }
 
     pub(super) fn push_ctrl(&self, kind: u8, id: u32, payload: &[u8]) {
@@ -599,6 +631,24 @@ impl Conn {
                     s.reset();
                 }
                 Ok(())
+            }
+            PING => {
+                need(
+                    self.server && id == 0 && payload.len() == PING_LEN,
+                    "bad PING",
+                )?;
+                if lock(&self.ctrl).len() > CTRL_MAX {
+                    return Err(Error::Protocol("peer does not read its answers"));
+                }
+                self.push_ctrl(PONG, 0, payload);
+                Ok(())
+            }
+            PONG => {
+                // What it proves (the connection carries), the read already recorded.
+                need(
+                    !self.server && id == 0 && payload.len() == PING_LEN,
+                    "bad PONG",
+                )
             }
             _ => Err(Error::Protocol("unknown frame type")),
         }

@@ -21,6 +21,10 @@ pub(super) const FIN: u8 = 3;
 pub(super) const RST: u8 = 4;
 pub(super) const CREDIT: u8 = 5;
 pub(super) const GOAWAY: u8 = 6;
+/// Version 2 only.
+pub(super) const PING: u8 = 7;
+pub(super) const PONG: u8 = 8;
+pub(super) const PING_LEN: usize = 8;
 
 pub(super) fn header(kind: u8, len: usize, id: u32) -> [u8; HEADER] {
     let l = (len as u32).to_be_bytes();

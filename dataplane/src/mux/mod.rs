@@ -21,6 +21,15 @@
 //! | 4 RST | both | none: the stream is aborted both ways |
 //! | 5 CREDIT | both | 4 bytes: the receiver wrote that many more bytes of the stream locally; on stream 0, of the connection (written, or dropped with their stream) |
 //! | 6 GOAWAY | server | 4 bytes: the last stream id it will process (stream id 0); sent on a drain, or after the connection's idle timeout with no stream |
+//! | 7 PING | client | 8 bytes, any (stream id 0); version 2 (`clusterlink-mux/2`) only |
+//! | 8 PONG | server | the PING's 8 bytes, answered at once by the reader (stream id 0) |
+//!
+//! Version 2 is version 1 plus PING/PONG. A client sends PING with an OPEN on a
+//! connection it has heard nothing on for `QUIET`, and then holds the stream's first
+//! bytes until the answer: if nothing at all arrives within `PING_TIMEOUT`, the
+//! connection is taken for black-holed (a partition sends no reset), retired, and the
+//! stream reported `Unresponsive` with none of its bytes sent, so that it can be
+//! opened elsewhere instead of waiting for TCP's timeout.
 //!
 //! Flow control: a sender may have `STREAM_WINDOW` bytes of DATA per stream, and
 //! `CONN_WINDOW` bytes on the connection (all streams together), not yet returned by
@@ -87,4 +96,13 @@ pub enum OpenError {
     Lost,
     #[error("no answer in time")]
     Timeout,
+    /// Nothing arrived on the connection within `PING_TIMEOUT` of a PING, and none of
+    /// the stream's bytes were sent: retired; safe to open elsewhere.
+    #[error("no answer to PING: connection unresponsive")]
+    Unresponsive,
 }
+
+/// A client connection heard nothing on for this long gets a PING with its next OPEN.
+pub const QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a PING may go unanswered (with nothing else arriving either).
+pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);

@@ -143,6 +143,9 @@ pub(super) async fn drive<R: AsyncRead + Unpin>(
                 }
             };
             fb.filled += n;
+            if n > 0 {
+                conn.heard_now();
+            }
             if n == 0 {
                 return if fb.filled == 0 {
                     Ok(Ending::Closed)

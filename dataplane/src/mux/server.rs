@@ -27,7 +27,7 @@ where
     T: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(io);
-    let conn = Conn::new(Box::new(wr), true);
+    let conn = Conn::new(Box::new(wr), true, false);
     drive(conn, rd, Some(&on_open), Some(stop), idle).await
 }
 

@@ -569,3 +569,84 @@ async fn an_idle_connection_is_closed_with_goaway_a_busy_one_is_not() -> anyhow:
     .context("client not told (GOAWAY)")?;
     Ok(())
 }
+
+/// Version 2: an OPEN on a connection quiet for `QUIET` goes with a PING and without
+/// its first bytes; if nothing at all comes back within `PING_TIMEOUT` (a black hole),
+/// the stream is `Unresponsive` (none of its bytes sent, so safe to open elsewhere)
+/// and the connection takes no new streams. Before, such an OPEN waited for the whole
+/// response timeout and its first bytes might have been lost with it.
+#[tokio::test]
+async fn a_silent_connection_is_found_out_by_ping_with_nothing_sent() -> anyhow::Result<()> {
+    let (c, mut s) = tcp_pair().await?;
+    let (client, driver) = Client::negotiated(c, true);
+    tokio::spawn(driver);
+    tokio::time::sleep(QUIET + Duration::from_millis(100)).await;
+    let t = std::time::Instant::now();
+    match client
+        .open("Bearer ok", &Bytes::from_static(b"hello"), T)
+        .await
+    {
+        Err(OpenError::Unresponsive) => {}
+        Err(e) => bail!("expected Unresponsive, got {e}"),
+        Ok(_) => bail!("a stream on a silent connection"),
+    }
+    ensure!(
+        t.elapsed() < PING_TIMEOUT + Duration::from_secs(1),
+        "found out after {:?}",
+        t.elapsed()
+    );
+    ensure!(
+        client.is_dead(),
+        "the silent connection still takes streams"
+    );
+    // What reached the (silent) remote: a PING and the OPEN, no DATA.
+    let mut got = vec![0u8; 4096];
+    let n = timeout(T, s.read(&mut got)).await??;
+    let mut kinds = Vec::new();
+    let mut pos = 0;
+    while pos + HEADER <= n {
+        let len = u32::from_be_bytes([0, got[pos + 1], got[pos + 2], got[pos + 3]]) as usize;
+        kinds.push(got[pos]);
+        pos += HEADER + len;
+    }
+    ensure!(
+        kinds == [super::frame::PING, OPEN],
+        "frames sent: {kinds:?} ({n} bytes)"
+    );
+    Ok(())
+}
+
+/// Version 2 with a live server: the PING is answered, the stream opens, and the first
+/// bytes held for the answer arrive, once.
+#[tokio::test]
+async fn a_quiet_live_connection_answers_the_ping_and_gets_the_first_bytes() -> anyhow::Result<()> {
+    let target = echo().await?;
+    let (c, s) = tcp_pair().await?;
+    let (_stop_tx, stop) = watch::channel(false);
+    let on_open = move |incoming: Incoming| {
+        tokio::spawn(async move {
+            let (Ok(tcp), Ok(counters)) = (TcpStream::connect(target).await, counters()) else {
+                return incoming.refuse(502, "no target").await;
+            };
+            if let Ok(stream) = incoming.accept().await {
+                splice(tcp, stream, &counters).await;
+            }
+        });
+    };
+    tokio::spawn(serve(s, on_open, stop, None));
+    let (client, driver) = Client::negotiated(c, true);
+    tokio::spawn(driver);
+    tokio::time::sleep(QUIET + Duration::from_millis(100)).await;
+    let stream = client
+        .open("Bearer ok", &Bytes::from_static(b"hello"), T)
+        .await?;
+    let (mut app, gw) = tcp_pair().await?;
+    let counters = counters()?;
+    tokio::spawn(async move { splice(gw, stream, &counters).await });
+    app.shutdown().await?;
+    let mut back = Vec::new();
+    timeout(T, app.read_to_end(&mut back)).await??;
+    ensure!(back == b"hello", "echoed {back:?}");
+    ensure!(!client.is_dead());
+    Ok(())
+}

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use fabric::sync::lock;
-use fabric::wire::{ALPN_H2, ALPN_MUX};
+use fabric::wire::{ALPN_H2, ALPN_MUX, ALPN_MUX2};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -285,12 +285,13 @@ impl Dialer {
         let tls = self.dial_tls_with(material, peer, gw, true).await?;
         let dead = Arc::new(AtomicBool::new(false));
         let alpn = tls.get_ref().1.alpn_protocol();
-        let (is_mux, is_h2) = (alpn == Some(ALPN_MUX), alpn == Some(ALPN_H2));
+        let ping = alpn == Some(ALPN_MUX2);
+        let (is_mux, is_h2) = (ping || alpn == Some(ALPN_MUX), alpn == Some(ALPN_H2));
         if is_mux || is_h2 {
             sockopt::set_user_timeout(tls.get_ref().0);
         }
         if is_mux {
-            let (client, driver) = mux::Client::new(tls);
+            let (client, driver) = mux::Client::negotiated(tls, ping);
             self.spawn_driver(&dead, gw, driver);
             return Ok(Ok(self.add_pooled(
                 key,

@@ -64,6 +64,15 @@ impl Dialer {
                 }
                 Ok(None)
             }
+            Err(mux::OpenError::Unresponsive) => {
+                // Black-holed, with none of the stream's bytes sent: this gateway
+                // failed (the next one, or another source, is tried).
+                pooled.dead.store(true, Ordering::Relaxed);
+                Err(Error::Gateway {
+                    gateway: gateway(),
+                    reason: "connection unresponsive (no answer to PING)".into(),
+                })
+            }
             Err(mux::OpenError::Timeout) => {
                 // The remote may be slowly connecting to the target with the client's
                 // first bytes: do not try them on another gateway.

@@ -1,0 +1,146 @@
+//! Live revocation: an established tunnel whose Peer or export a new snapshot removes
+//! is reset at both ends on the exporting side, over each tunnel protocol (mux, h2,
+//! HTTP/1.1 CONNECT); with `--keep-revoked-streams` it goes on.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, ensure, Context as _, Result};
+use tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn ping(c: &mut TcpStream, msg: &[u8]) -> Result<()> {
+    c.write_all(msg).await?;
+    let mut b = vec![0u8; msg.len()];
+    tokio::time::timeout(T, c.read_exact(&mut b))
+        .await
+        .context("no echo")??;
+    ensure!(b == msg, "echo mismatch");
+    Ok(())
+}
+
+/// A client connection through the import, proven to carry.
+async fn live(pair: &Pair) -> Result<TcpStream> {
+    let mut c = TcpStream::connect(pair.import).await?;
+    ping(&mut c, b"established").await?;
+    Ok(c)
+}
+
+/// Waits for `c` to end (EOF or reset); how long that took.
+async fn ends(c: &mut TcpStream) -> Result<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(T, c.read(&mut buf)).await {
+            Err(_) => return Err(anyhow!("still open after {T:?}")),
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+async fn revoked(pair: &Pair, reason: &str) -> Result<f64> {
+    let m = metrics_of(pair.b()).await?;
+    Ok(metric(
+        &m,
+        "clusterlink_revoked_streams_total",
+        &[&format!("reason=\"{reason}\"")],
+    ))
+}
+
+fn protocols() -> Vec<(&'static str, Options)> {
+    vec![
+        ("mux", Options::default()),
+        (
+            "h2",
+            Options {
+                no_mux_a: true,
+                ..Options::default()
+            },
+        ),
+        (
+            "http/1.1",
+            Options {
+                force_http1_a: true,
+                ..Options::default()
+            },
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_peer_or_the_export_resets_established_tunnels() -> Result<()> {
+    for (protocol, opts) in protocols() {
+        let pair = Pair::start(opts).await?;
+        let snapshot = pair.cp_b.snapshot();
+
+        // The Peer goes: both of its tunnels end, the client sees the end.
+        let (mut c1, mut c2) = (live(&pair).await?, live(&pair).await?);
+        pair.cp_b
+            .update_snapshot(|s| s.peers.retain(|p| p.name != PEER_A));
+        let took = ends(&mut c1)
+            .await
+            .context(format!("{protocol}: peer removed"))?;
+        ends(&mut c2)
+            .await
+            .context(format!("{protocol}: second tunnel"))?;
+        eprintln!("{protocol}: tunnel ended {took:?} after the Peer was removed");
+        ensure!(
+            revoked(&pair, "peer_removed").await? >= 2.0,
+            "{protocol}: not counted"
+        );
+
+        // The Peer is back, the export goes.
+        pair.cp_b.update_snapshot(|s| *s = snapshot.clone());
+        let mut c = eventually("a tunnel again", T, || async { live(&pair).await.ok() }).await?;
+        pair.cp_b.update_snapshot(|s| s.exports.clear());
+        let took = ends(&mut c)
+            .await
+            .context(format!("{protocol}: export removed"))?;
+        eprintln!("{protocol}: tunnel ended {took:?} after the export was removed");
+        ensure!(
+            revoked(&pair, "export_removed").await? >= 1.0,
+            "{protocol}: not counted"
+        );
+
+        // A snapshot that removes neither leaves tunnels alone.
+        pair.cp_b.update_snapshot(|s| *s = snapshot.clone());
+        let mut c = eventually("a tunnel again", T, || async { live(&pair).await.ok() }).await?;
+        pair.cp_b.update_snapshot(|s| {
+            s.peers.push(controlplane_api::v1::Peer {
+                name: "peer-c".into(),
+                gateways: vec!["127.0.0.1:9".into()],
+                protocol: 0,
+            })
+        });
+        pair.cp_b
+            .update_snapshot(|s| s.peers.retain(|p| p.name != "peer-c"));
+        ping(&mut c, b"still carries").await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_revoked_streams_leaves_them_running() -> Result<()> {
+    let pair = Pair::start(Options {
+        config_b: Some(|c| c.keep_revoked_streams = true),
+        ..Options::default()
+    })
+    .await?;
+    let mut c = live(&pair).await?;
+    pair.cp_b
+        .update_snapshot(|s| s.peers.retain(|p| p.name != PEER_A));
+    // Once B applied it (a new tunnel is refused), the old one still carries.
+    eventually("new tunnels refused", T, || async {
+        echo_round_trip(pair.import, b"x")
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await?;
+    ping(&mut c, b"kept").await?;
+    ensure!(revoked(&pair, "peer_removed").await? == 0.0);
+    Ok(())
+}
