@@ -430,6 +430,18 @@ pub async fn start_echo() -> Result<SocketAddr> {
 }
 
 /// Writes `data`, half-closes, and reads everything back until EOF.
+/// Sends `msg` on an established connection to an echo server and expects it back
+/// within 30 s.
+pub async fn ping(c: &mut TcpStream, msg: &[u8]) -> Result<()> {
+    c.write_all(msg).await?;
+    let mut b = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(30), c.read_exact(&mut b))
+        .await
+        .context("no echo")??;
+    anyhow::ensure!(b == msg, "echo mismatch");
+    Ok(())
+}
+
 pub async fn echo_round_trip(addr: SocketAddr, data: &[u8]) -> Result<Vec<u8>> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;

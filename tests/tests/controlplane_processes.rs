@@ -60,16 +60,6 @@ async fn peer_status_follows_the_remote_gateway() -> Result<()> {
     Ok(())
 }
 
-async fn ping(c: &mut TcpStream, msg: &[u8]) -> Result<()> {
-    c.write_all(msg).await?;
-    let mut b = vec![0u8; msg.len()];
-    tokio::time::timeout(T, c.read_exact(&mut b))
-        .await
-        .context("no echo")??;
-    ensure!(b == msg, "echo mismatch");
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_restart_under_traffic_loses_no_connection() -> Result<()> {
     let fabric = Fabric::new("proc-fabric")?;

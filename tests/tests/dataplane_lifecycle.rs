@@ -11,16 +11,6 @@ use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(20);
 
-async fn ping(c: &mut TcpStream, msg: &[u8]) -> Result<()> {
-    c.write_all(msg).await?;
-    let mut b = vec![0u8; msg.len()];
-    tokio::time::timeout(T, c.read_exact(&mut b))
-        .await
-        .context("no echo")??;
-    ensure!(b == msg, "echo mismatch");
-    Ok(())
-}
-
 async fn generation(admin: SocketAddr) -> Option<u64> {
     let body = http_get(admin, "/config_dump").await.ok()?.1;
     let v: serde_json::Value = serde_json::from_str(&body).ok()?;

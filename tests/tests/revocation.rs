@@ -6,20 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context as _, Result};
 use tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(20);
-
-async fn ping(c: &mut TcpStream, msg: &[u8]) -> Result<()> {
-    c.write_all(msg).await?;
-    let mut b = vec![0u8; msg.len()];
-    tokio::time::timeout(T, c.read_exact(&mut b))
-        .await
-        .context("no echo")??;
-    ensure!(b == msg, "echo mismatch");
-    Ok(())
-}
 
 /// A client connection through the import, proven to carry.
 async fn live(pair: &Pair) -> Result<TcpStream> {
