@@ -60,44 +60,66 @@ fn protocols() -> Vec<(&'static str, Options)> {
     ]
 }
 
+/// Waits until B's gateway runs the snapshot its control plane serves now.
+async fn applied(pair: &Pair) -> Result<()> {
+    let want = pair.cp_b.snapshot().version as f64;
+    eventually("B applied the snapshot", T, || async {
+        let m = metrics_of(pair.b()).await.ok()?;
+        (metric(&m, "clusterlink_snapshot_version", &[]) == want).then_some(())
+    })
+    .await
+}
+
+/// `change` to B's snapshot ends each of `tunnels`, counted under `reason`.
+async fn cut_by(
+    pair: &Pair,
+    protocol: &str,
+    tunnels: &mut [TcpStream],
+    reason: &str,
+    change: impl FnOnce(&mut controlplane_api::v1::Snapshot),
+) -> Result<()> {
+    let before = revoked(pair, reason).await?;
+    pair.cp_b.update_snapshot(change);
+    for (i, c) in tunnels.iter_mut().enumerate() {
+        let took = ends(c)
+            .await
+            .context(format!("{protocol}: {reason}, tunnel {i}"))?;
+        eprintln!("{protocol}: tunnel {i} ended {took:?} after the change ({reason})");
+    }
+    let n = revoked(pair, reason).await? - before;
+    ensure!(
+        n == tunnels.len() as f64,
+        "{protocol}: {n} counted under {reason}, {} tunnels",
+        tunnels.len()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_the_peer_or_the_export_resets_established_tunnels() -> Result<()> {
     for (protocol, opts) in protocols() {
         let pair = Pair::start(opts).await?;
         let snapshot = pair.cp_b.snapshot();
+        let again = || async {
+            pair.cp_b.update_snapshot(|s| *s = snapshot.clone());
+            eventually("a tunnel again", T, || async { live(&pair).await.ok() }).await
+        };
 
         // The Peer goes: both of its tunnels end, the client sees the end.
-        let (mut c1, mut c2) = (live(&pair).await?, live(&pair).await?);
-        pair.cp_b
-            .update_snapshot(|s| s.peers.retain(|p| p.name != PEER_A));
-        let took = ends(&mut c1)
-            .await
-            .context(format!("{protocol}: peer removed"))?;
-        ends(&mut c2)
-            .await
-            .context(format!("{protocol}: second tunnel"))?;
-        eprintln!("{protocol}: tunnel ended {took:?} after the Peer was removed");
-        ensure!(
-            revoked(&pair, "peer_removed").await? >= 2.0,
-            "{protocol}: not counted"
-        );
-
+        let mut two = [live(&pair).await?, live(&pair).await?];
+        cut_by(&pair, protocol, &mut two, "peer_removed", |s| {
+            s.peers.retain(|p| p.name != PEER_A)
+        })
+        .await?;
         // The Peer is back, the export goes.
-        pair.cp_b.update_snapshot(|s| *s = snapshot.clone());
-        let mut c = eventually("a tunnel again", T, || async { live(&pair).await.ok() }).await?;
-        pair.cp_b.update_snapshot(|s| s.exports.clear());
-        let took = ends(&mut c)
-            .await
-            .context(format!("{protocol}: export removed"))?;
-        eprintln!("{protocol}: tunnel ended {took:?} after the export was removed");
-        ensure!(
-            revoked(&pair, "export_removed").await? >= 1.0,
-            "{protocol}: not counted"
-        );
+        let mut one = [again().await?];
+        cut_by(&pair, protocol, &mut one, "export_removed", |s| {
+            s.exports.clear()
+        })
+        .await?;
 
-        // A snapshot that removes neither leaves tunnels alone.
-        pair.cp_b.update_snapshot(|s| *s = snapshot.clone());
-        let mut c = eventually("a tunnel again", T, || async { live(&pair).await.ok() }).await?;
+        // Snapshots that remove neither (another peer comes and goes) leave it alone.
+        let mut c = again().await?;
         pair.cp_b.update_snapshot(|s| {
             s.peers.push(controlplane_api::v1::Peer {
                 name: "peer-c".into(),
@@ -105,8 +127,10 @@ async fn removing_the_peer_or_the_export_resets_established_tunnels() -> Result<
                 protocol: 0,
             })
         });
+        applied(&pair).await?;
         pair.cp_b
             .update_snapshot(|s| s.peers.retain(|p| p.name != "peer-c"));
+        applied(&pair).await?;
         ping(&mut c, b"still carries").await?;
     }
     Ok(())

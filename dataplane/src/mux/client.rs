@@ -174,7 +174,7 @@ impl Client {
         } else {
             &[&open, auth.as_bytes(), &data, early_now]
         };
-        let heard = conn.heard();
+        let sent_ms = conn.now_ms();
         // From here on the frames go out whatever happens to this task.
         held.commit();
         match tokio::time::timeout_at(deadline, conn.send_locked(&mut out, parts)).await {
@@ -200,7 +200,7 @@ impl Client {
             if ping_deadline < deadline {
                 match tokio::time::timeout_at(ping_deadline, &mut rx).await {
                     Ok(r) => early_reply = Some(r),
-                    Err(_) if conn.heard() == heard => {
+                    Err(_) if !conn.heard_since(sent_ms) => {
                         // Not even the PONG: retired, and this stream opened elsewhere.
                         conn.going_away.store(true, Ordering::Relaxed);
                         return Err(OpenError::Unresponsive);

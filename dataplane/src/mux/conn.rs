@@ -117,10 +117,9 @@ pub(super) struct Conn {
     pub(super) ping: bool,
     /// When the connection was made; `heard_ms` counts from here.
     born: std::time::Instant,
-    /// When something last arrived (milliseconds since `born`), and how many reads
-    /// brought something: the reader updates both.
+    /// When something last arrived (milliseconds since `born`); kept by the reader of
+    /// a `ping` connection only.
     heard_ms: AtomicU64,
-    heard: AtomicU64,
 }
 
 #[derive(Default)]
@@ -221,27 +220,31 @@ impl Conn {
             ping,
             born: std::time::Instant::now(),
             heard_ms: AtomicU64::new(0),
-            heard: AtomicU64::new(0),
         })
     }
 
-    /// Something arrived (the reader, on every read).
-    pub(super) fn heard_now(&self) {
-        let ms = self.born.elapsed().as_millis() as u64;
-        self.heard_ms.store(ms, Ordering::Relaxed);
-        self.heard.fetch_add(1, Ordering::Relaxed);
+    /// Milliseconds since the connection was made.
+    pub(super) fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
     }
 
-    /// Reads that brought something so far.
-    pub(super) fn heard(&self) -> u64 {
-        self.heard.load(Ordering::Relaxed)
+    /// Something arrived (the reader, on every read of a `ping` connection).
+    pub(super) fn heard_now(&self) {
+        self.heard_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether something arrived at `ms` (from `now_ms`) or later.
+    pub(super) fn heard_since(&self, ms: u64) -> bool {
+        self.heard_ms.load(Ordering::Relaxed) >= ms
     }
 
     /// How long nothing has arrived (since the connection was made, at first: its
     /// handshake just proved it alive).
     pub(super) fn quiet_for(&self) -> Duration {
-        let now = self.born.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.heard_ms.load(Ordering::Relaxed)))
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.heard_ms.load(Ordering::Relaxed)),
+        )
     }
 
     pub(super) fn push_ctrl(&self, kind: u8, id: u32, payload: &[u8]) {

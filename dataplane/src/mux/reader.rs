@@ -143,7 +143,7 @@ pub(super) async fn drive<R: AsyncRead + Unpin>(
                 }
             };
             fb.filled += n;
-            if n > 0 {
+            if n > 0 && conn.ping {
                 conn.heard_now();
             }
             if n == 0 {
