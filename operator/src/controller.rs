@@ -30,6 +30,9 @@ use sha2::{Digest, Sha256};
 
 use crate::manifests::{self, CONTROLPLANE, DATAPLANE, GATEWAY_SERVICE};
 
+/// How often an Instance waiting for another's namespace checks whether it is free.
+const WAITING_RECHECK: Duration = Duration::from_secs(3);
+
 pub const FINALIZER: &str = "instance.clusterlink.net/finalizer";
 pub const FIELD_MANAGER: &str = "cl-operator";
 /// Which Instance made an object.
@@ -401,7 +404,10 @@ pub async fn reconcile(i: Arc<Instance>, ctx: Arc<Ctx>) -> Result<Action, Error>
             }),
         )
         .await?;
-        return Ok(Action::requeue(Duration::from_secs(60)));
+        // The owner's deletion triggers a reconcile of all, but this Instance's store
+        // may still hold the owner then (its last update not yet seen): look again
+        // soon rather than wait for a change that may not come.
+        return Ok(Action::requeue(WAITING_RECHECK));
     }
 
     if Api::<Namespace>::all(client.clone())
